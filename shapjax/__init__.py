@@ -1,0 +1,39 @@
+"""shapjax: where is an image anomalous? Shapley values of superpixels, as one jitted JAX program."""
+
+from shapjax.attribution import attribute
+from shapjax.attribution import attribute_batch
+from shapjax.masking import heatmap
+from shapjax.masking import make_baseline
+from shapjax.masking import masked_value_fn
+from shapjax.model import AutoencoderConfig
+from shapjax.model import AutoencoderParams
+from shapjax.model import init_autoencoder
+from shapjax.model import reconstruct
+from shapjax.model import reconstruction_loss
+from shapjax.model import residual_map
+from shapjax.sampling import ShapleyResult
+from shapjax.sampling import exact_shapley
+from shapjax.sampling import shapley_values
+from shapjax.segmentation import segment
+from shapjax.segmentation import segment_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoencoderConfig",
+    "AutoencoderParams",
+    "ShapleyResult",
+    "attribute",
+    "attribute_batch",
+    "exact_shapley",
+    "heatmap",
+    "init_autoencoder",
+    "make_baseline",
+    "masked_value_fn",
+    "reconstruct",
+    "reconstruction_loss",
+    "residual_map",
+    "segment",
+    "segment_batch",
+    "shapley_values",
+]

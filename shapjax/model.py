@@ -1,0 +1,212 @@
+"""The convolutional autoencoder, its configuration, and the params pytree that carries both.
+
+Flax linen, not NNX: the whole library is pure functions of pytrees (the sampler calls the model thousands
+of times inside one ``jit``), and a linen module's ``apply(variables, x)`` is exactly such a function, with no
+``nnx.split``/``merge`` round trip per call. The weights live in :class:`AutoencoderParams`, a registered
+dataclass whose configuration is static metadata, so ``attribute(params, image, labels)`` needs nothing else
+and a changed configuration is a new compiled program rather than a silent mismatch.
+
+Decoder: each upsampling step is a 3x3 convolution at the low resolution followed by depth-to-space (pixel
+shuffle). On CPU, XLA's transposed convolution ran several times slower per FLOP than an ordinary convolution;
+``benchmarks/decoder.py`` measures the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+_DECODERS = ("shuffle", "resize", "transpose")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+  """Architecture of the convolutional autoencoder (hashable: it is static metadata of the params).
+
+  Attributes:
+    image_shape: ``(H, W, C)`` the model is built and trained for. H and W need not be equal nor divisible
+      by ``2 ** len(features)``: inputs are edge-padded up to a multiple and the output is cropped back.
+    features: channels of the stride-2 encoder convolutions; the decoder mirrors them.
+    latent_features: channels of the 1x1 bottleneck at the lowest resolution.
+    decoder: ``"shuffle"`` (conv then depth-to-space), ``"resize"`` (nearest upsampling then conv) or
+      ``"transpose"`` (transposed convolution).
+  """
+
+  image_shape: tuple[int, int, int]
+  features: tuple[int, ...] = (32, 64, 96, 128)
+  latent_features: int = 32
+  decoder: str = "shuffle"
+
+  def __post_init__(self):
+    shape = tuple(int(s) for s in self.image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+      raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {self.image_shape}")
+    object.__setattr__(self, "image_shape", shape)
+    object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+    if not self.features or min(self.features) < 1:
+      raise ValueError(f"features must be a non-empty tuple of positive ints, got {self.features}")
+    if self.decoder not in _DECODERS:
+      raise ValueError(f"decoder must be one of {_DECODERS}, got {self.decoder!r}")
+
+  @classmethod
+  def tiny(cls, image_shape: tuple[int, int, int] = (32, 32, 3)) -> "AutoencoderConfig":
+    """A very small model for tests and smoke runs."""
+    return cls(image_shape=image_shape, features=(8, 16), latent_features=8)
+
+  @property
+  def stride(self) -> int:
+    """The total downsampling factor; inputs are padded to a multiple of it."""
+    return 2 ** len(self.features)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict) -> "AutoencoderConfig":
+    data = dict(data)
+    data["image_shape"] = tuple(data["image_shape"])
+    data["features"] = tuple(data["features"])
+    return cls(**data)
+
+
+def _depth_to_space(x: jax.Array, block: int) -> jax.Array:
+  n, h, w, c = x.shape
+  x = x.reshape(n, h, w, block, block, c // (block * block))
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h * block, w * block, c // (block * block))
+
+
+class _Autoencoder(nn.Module):
+  config: AutoencoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    _, height, width, channels = x.shape
+    pad_h = -height % cfg.stride
+    pad_w = -width % cfg.stride
+    if pad_h or pad_w:
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    # Encoder: stride-2 3x3 convolutions.
+    for features in cfg.features:
+      x = nn.relu(nn.Conv(features, (3, 3), strides=2, padding="SAME")(x))
+    x = nn.relu(nn.Conv(cfg.latent_features, (1, 1))(x))
+    # Decoder: back up to full resolution, mirroring the encoder's channels.
+    outputs = list(cfg.features[-2::-1]) + [max(cfg.features[0] // 2, channels)]
+    for features in outputs:
+      if cfg.decoder == "shuffle":
+        x = _depth_to_space(nn.Conv(4 * features, (3, 3), padding="SAME")(x), 2)
+      elif cfg.decoder == "resize":
+        n, h, w, c = x.shape
+        x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="nearest")
+        x = nn.Conv(features, (3, 3), padding="SAME")(x)
+      else:
+        x = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME")(x)
+      x = nn.relu(x)
+    x = nn.sigmoid(nn.Conv(channels, (3, 3), padding="SAME")(x))
+    return x[:, :height, :width, :]
+
+
+@flax.struct.dataclass
+class AutoencoderParams:
+  """Trained (or initialised) autoencoder: weights as pytree leaves, configuration as static metadata.
+
+  Attributes:
+    config: the :class:`AutoencoderConfig` (static: not a leaf).
+    weights: the linen ``params`` collection.
+  """
+
+  weights: dict
+  config: AutoencoderConfig = flax.struct.field(pytree_node=False)
+
+
+def _module(config: AutoencoderConfig) -> _Autoencoder:
+  return _Autoencoder(config)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_weights(config: AutoencoderConfig, key: jax.Array) -> dict:
+  dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
+  return _module(config).init(key, dummy)["params"]
+
+
+def init_autoencoder(
+    image_shape: tuple[int, int, int] | None = None,
+    *,
+    key: jax.Array,
+    config: AutoencoderConfig | None = None,
+    **options,
+) -> AutoencoderParams:
+  """Randomly initialises an autoencoder.
+
+  Initialisation is one jitted program (one compile, not one per PRNG op), so a cold start stays short.
+
+  Args:
+    image_shape: ``(H, W, C)``; ignored when ``config`` is given.
+    key: PRNG key for the weights.
+    config: a full :class:`AutoencoderConfig`; otherwise one is built from ``image_shape`` and ``options``.
+    **options: fields of :class:`AutoencoderConfig` (``features``, ``latent_features``, ``decoder``).
+
+  Returns:
+    :class:`AutoencoderParams` ready for :func:`reconstruct` and :func:`shapjax.attribute`.
+
+  Example:
+    >>> import jax, shapjax
+    >>> params = shapjax.init_autoencoder((32, 32, 3), key=jax.random.key(0), features=(8, 16))
+    >>> params.config.image_shape
+    (32, 32, 3)
+  """
+  if config is None:
+    if image_shape is None:
+      raise TypeError("init_autoencoder needs image_shape or config")
+    config = AutoencoderConfig(image_shape=tuple(image_shape), **options)
+  elif options:
+    raise TypeError(f"give either config or options, not both (got {sorted(options)})")
+  return AutoencoderParams(weights=_init_weights(config, key), config=config)
+
+
+def _check_params(params) -> None:
+  if not isinstance(params, AutoencoderParams):
+    raise TypeError(
+        f"params must be AutoencoderParams (from init_autoencoder, train or load), got {type(params).__name__}")
+
+
+def reconstruct(params: AutoencoderParams, images: ArrayLike) -> jax.Array:
+  """Runs the autoencoder.
+
+  Args:
+    params: from :func:`init_autoencoder`, :func:`shapjax.train` or :func:`shapjax.load`.
+    images: ``f32[N, H, W, C]`` in ``[0, 1]``.
+
+  Returns:
+    ``f32[N, H, W, C]`` reconstructions.
+  """
+  _check_params(params)
+  images = jnp.asarray(images, jnp.float32)
+  return _module(params.config).apply({"params": params.weights}, images)
+
+
+def reconstruction_loss(params: AutoencoderParams, images: ArrayLike) -> jax.Array:
+  """Mean squared reconstruction error of each image, averaged over all pixels and channels.
+
+  Args:
+    params: autoencoder params.
+    images: ``f32[N, H, W, C]``.
+
+  Returns:
+    ``f32[N]``.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  return jnp.mean(jnp.square(reconstruct(params, images) - images), axis=(1, 2, 3))
+
+
+def residual_map(params: AutoencoderParams, images: ArrayLike) -> jax.Array:
+  """Per-pixel squared reconstruction error, averaged over channels: ``f32[N, H, W]``."""
+  images = jnp.asarray(images, jnp.float32)
+  return jnp.mean(jnp.square(reconstruct(params, images) - images), axis=-1)
