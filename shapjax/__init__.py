@@ -5,6 +5,9 @@ from shapjax.attribution import attribute_batch
 from shapjax.masking import heatmap
 from shapjax.masking import make_baseline
 from shapjax.masking import masked_value_fn
+from shapjax.metrics import aupro
+from shapjax.metrics import image_auroc
+from shapjax.metrics import pixel_auroc
 from shapjax.model import AutoencoderConfig
 from shapjax.model import AutoencoderParams
 from shapjax.model import init_autoencoder
@@ -25,11 +28,14 @@ __all__ = [
     "ShapleyResult",
     "attribute",
     "attribute_batch",
+    "aupro",
     "exact_shapley",
     "heatmap",
+    "image_auroc",
     "init_autoencoder",
     "make_baseline",
     "masked_value_fn",
+    "pixel_auroc",
     "reconstruct",
     "reconstruction_loss",
     "residual_map",
