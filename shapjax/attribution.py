@@ -100,23 +100,31 @@ def _split_baseline(baseline, image_shape, *, batch_shape=None):
   return None, jnp.broadcast_to(jnp.asarray(array, jnp.float32), target)
 
 
-def _attribute_one(params, image, labels, key, baseline_array, *, n_perm, max_regions, batch_size, estimator,
-                   baseline_kind, blur_sigma):
+def _value_fn(params, image, labels, baseline_array, *, baseline_kind, blur_sigma):
   baseline = baseline_kind if baseline_kind is not None else baseline_array
 
   def score_fn(images):
     return model.reconstruction_loss(params, images)
 
-  value_fn = masking.masked_value_fn(score_fn, image, labels, baseline=baseline, blur_sigma=blur_sigma)
-  n_regions = jnp.max(labels) + 1
-  player_mask = jnp.arange(max_regions) < n_regions
-  contributions, _ = sampling.permutation_contributions(
-      value_fn, max_regions, n_perm, key=key, batch_size=batch_size, estimator=estimator,
-      player_mask=player_mask)
-  values, stderr = sampling.summarize_contributions(contributions, estimator=estimator)
-  n_evals = n_perm * jnp.maximum(n_regions - 1, 0) + 2
-  return sampling.ShapleyResult(values=values, stderr=stderr, n_evals=n_evals.astype(jnp.int32),
-                                converged=jnp.asarray(True))
+  return masking.masked_value_fn(score_fn, image, labels, baseline=baseline, blur_sigma=blur_sigma)
+
+
+def _attribute_block(params, image, labels, key, baseline_array, state, start, v_empty_full, *, n_perm,
+                     max_regions, batch_size, estimator, baseline_kind, blur_sigma):
+  """Units ``start .. start + n_perm - 1`` merged into ``state``: ``(state, result so far)``."""
+  value_fn = _value_fn(params, image, labels, baseline_array, baseline_kind=baseline_kind, blur_sigma=blur_sigma)
+  player_mask = jnp.arange(max_regions) < jnp.max(labels) + 1
+  if v_empty_full is None:
+    v_empty_full = sampling.endpoint_values(value_fn, player_mask)
+  return sampling.estimate_block(
+      value_fn, max_regions, n_perm, key=key, start=start, state=state, active=player_mask,
+      v_empty_full=v_empty_full, batch_size=batch_size, estimator=estimator)
+
+
+def _attribute_one(params, image, labels, key, baseline_array, **static):
+  state = sampling.init_state(static["max_regions"], static["estimator"])
+  _, result = _attribute_block(params, image, labels, key, baseline_array, state, 0, None, **static)
+  return result
 
 
 _STATIC = ("n_perm", "max_regions", "batch_size", "estimator", "baseline_kind", "blur_sigma")
@@ -125,6 +133,17 @@ _STATIC = ("n_perm", "max_regions", "batch_size", "estimator", "baseline_kind", 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _attribute_jit(params, image, labels, key, baseline_array, **static):
   return _attribute_one(params, image, labels, key, baseline_array, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("baseline_kind", "blur_sigma"))
+def _attribute_endpoints_jit(params, image, labels, baseline_array, player_mask, *, baseline_kind, blur_sigma):
+  value_fn = _value_fn(params, image, labels, baseline_array, baseline_kind=baseline_kind, blur_sigma=blur_sigma)
+  return sampling.endpoint_values(value_fn, player_mask)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _attribute_block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, **static):
+  return _attribute_block(params, image, labels, key, baseline_array, state, start, v_empty_full, **static)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -138,6 +157,25 @@ def _attribute_batch_jit(params, images, labels, key, baseline_array, **static):
     one = lambda args: _attribute_one(params, *args, baseline_array, **static)
   # lax.map, not vmap: each image's padding-skipping lax.cond stays a real branch, and memory stays bounded.
   return jax.lax.map(one, xs)
+
+
+def _attribute_until(params, image, labels, key, baseline_array, *, tol, max_evals, **static):
+  """Blocks of ``n_perm`` units until the tolerance is met or ``max_evals`` would be exceeded."""
+  if _is_traced(labels):
+    raise ValueError("tol needs concrete labels (the budget depends on the number of regions): call attribute "
+                     "outside jit, or pass tol=None")
+  n_regions = int(np.max(np.asarray(labels))) + 1
+  player_mask = jnp.arange(static["max_regions"]) < n_regions
+  v_empty_full = _attribute_endpoints_jit(params, image, labels, baseline_array, player_mask,
+                                          baseline_kind=static["baseline_kind"], blur_sigma=static["blur_sigma"])
+
+  def block_fn(state, start):
+    return _attribute_block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, **static)
+
+  estimator = static["estimator"]
+  return sampling.run_blocks(block_fn, sampling.init_state(static["max_regions"], estimator),
+                             n_perm=static["n_perm"], units_cost=sampling.evals_per_unit(n_regions, estimator),
+                             tol=tol, max_evals=max_evals, active=player_mask)
 
 
 def _default_key(key):
@@ -155,7 +193,9 @@ def attribute(
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
-    estimator: str = "antithetic",
+    estimator: str = sampling.DEFAULT_ESTIMATOR,
+    tol: float | None = None,
+    max_evals: int | None = None,
 ) -> sampling.ShapleyResult:
   """Shapley value of each superpixel for the autoencoder's reconstruction loss.
 
@@ -172,14 +212,19 @@ def attribute(
       :func:`shapjax.load`).
     image: ``f32[H, W, C]`` in ``[0, 1]`` or ``uint8[H, W, C]`` (``[H, W]`` for a grey model).
     labels: ``i32[H, W]`` region ids in ``[0, max_regions)``, e.g. from :func:`shapjax.segment`.
-    n_perm: permutations to sample (even for ``"antithetic"``).
+    n_perm: permutations (or kernel units) to sample: even for ``"antithetic"``, a multiple of 16 for
+      ``"stratified"``; the block size with ``tol``.
     key: PRNG key; defaults to ``jax.random.key(0)``.
     baseline: what absent regions become: ``"blur"``, ``"mean"``, ``"zeros"``, a float, or an
       ``f32[H, W, C]`` array such as the mean normal image.
     blur_sigma: Gaussian sigma in pixels for ``baseline="blur"``.
     max_regions: number of players (padded region count); the same default as :func:`shapjax.segment`.
     batch_size: composites per autoencoder call (bounds memory; does not change the sample).
-    estimator: ``"antithetic"`` or ``"permutation"``.
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
+      :func:`shapjax.shapley_values`).
+    tol: stop when ``max(stderr) < tol * (max(values) - min(values))`` over the image's regions, running
+      blocks of ``n_perm`` units (one compiled program); None runs ``n_perm`` units once. Needs concrete labels.
+    max_evals: evaluation budget with ``tol`` (default: 64 blocks); ``converged`` is False when it ran out.
 
   Returns:
     :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``.
@@ -198,6 +243,11 @@ def attribute(
   image = _as_image(image, params.config, batched=False)
   labels = _as_labels(labels, image.shape[:2], int(max_regions), batched=False)
   kind, array = _split_baseline(baseline, image.shape)
+  sampling._check_stopping(tol, max_evals)
+  if tol is not None:
+    return _attribute_until(params, image, labels, _default_key(key), array, tol=tol, max_evals=max_evals,
+                            n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),
+                            estimator=estimator, baseline_kind=kind, blur_sigma=float(blur_sigma))
   return _attribute_jit(params, image, labels, _default_key(key), array, n_perm=int(n_perm),
                         max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
                         baseline_kind=kind, blur_sigma=float(blur_sigma))
@@ -215,11 +265,12 @@ def attribute_batch(
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
     estimator: str = "antithetic",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> sampling.ShapleyResult:
   """:func:`attribute` for N images of one shape, as one compiled program.
 
   Image ``i`` uses the key ``fold_in(key, i)``, so ``attribute_batch(...)[i]`` equals
-  ``attribute(params, images[i], labels[i], key=fold_in(key, i))``.
+  ``attribute(params, images[i], labels[i], key=fold_in(key, i))``, with or without ``mesh``.
 
   Args:
     params: autoencoder params.
@@ -232,6 +283,8 @@ def attribute_batch(
     max_regions: number of players.
     batch_size: composites per autoencoder call.
     estimator: ``"antithetic"`` or ``"permutation"``.
+    mesh: a ``jax.sharding.Mesh`` (e.g. :func:`shapjax.make_mesh`) to split the images across its devices,
+      one shard per device with no communication; N is padded to a multiple of the device count.
 
   Returns:
     :class:`shapjax.ShapleyResult` whose fields have a leading axis of size N.
@@ -241,6 +294,13 @@ def attribute_batch(
   images = _as_image(images, params.config, batched=True)
   labels = _as_labels(labels, images.shape[:3], int(max_regions), batched=True)
   kind, array = _split_baseline(baseline, images.shape[1:], batch_shape=images.shape)
+  if mesh is not None:
+    from shapjax import distributed  # the sharded program builds on this module's per-image core
+
+    return distributed._attribute_batch_on_mesh(
+        params, images, labels, _default_key(key), array, mesh=mesh, n_perm=int(n_perm),
+        max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator, baseline_kind=kind,
+        blur_sigma=float(blur_sigma))
   return _attribute_batch_jit(params, images, labels, _default_key(key), array, n_perm=int(n_perm),
                               max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
                               baseline_kind=kind, blur_sigma=float(blur_sigma))

@@ -1,12 +1,32 @@
-"""Shapley values of any value function: permutation estimators and exact enumeration.
+"""Shapley values of any value function: sampling estimators, error bars, stopping on tolerance, exact values.
 
 A *value function* maps a batch of coalitions ``bool[B, n_players]`` to ``f32[B]``. Everything here is a pure
-function of it: the estimators draw permutations, build the cumulative coalitions, evaluate them in chunks of
-``batch_size`` (so the memory for model inputs does not grow with ``n_perm``) and average the marginal
-contributions, all inside one jitted XLA program.
+function of it: the estimators draw their samples, evaluate the coalitions in chunks of ``batch_size`` (so the
+memory for model inputs does not grow with the sample) and reduce them, all inside one jitted XLA program.
 
-Permutation ``i`` is drawn from ``fold_in(key, i)`` (for ``"antithetic"``, pair ``i // 2``), so neither the
-chunk size nor the block structure can change the sample.
+Estimators (``estimator=``); a *unit* is what ``n_perm`` counts and costs about ``n_active - 1`` evaluations:
+
+* ``"permutation"``: plain Monte Carlo over random permutations (Castro et al. 2009), what captum does.
+* ``"antithetic"``: each permutation and its reverse (shap's PermutationExplainer); exact on games with at
+  most pairwise interactions.
+* ``"stratified"``: permutations stratified by position. A group of :data:`STRATIFIED_GROUP` permutations is
+  a random base permutation of the active players, cyclically shifted by 8 evenly spaced offsets, each with
+  its reverse; every shifted permutation is uniform, so the estimate is unbiased, and within a group each
+  player visits the positions evenly (exactly when ``n_active`` divides 8), removing most of the variance that
+  comes from coalition size. Groups are independent replicates and give the error bars (randomized QMC).
+* ``"kernel"``: paired KernelSHAP with the efficiency constraint (Lundberg & Lee 2017; Covert & Lee 2021):
+  coalitions drawn from the Shapley kernel, each with its complement, and a constrained least-squares fit.
+  Error bars by the delete-a-group jackknife over :data:`KERNEL_GROUPS` interleaved groups of units.
+
+Determinism: unit ``i`` is drawn from ``fold_in(key, i)`` (antithetic: pair ``i // 2``; stratified: group
+``i // 16``), so neither ``batch_size`` nor the split into blocks when stopping on tolerance changes the sample:
+``tol`` with block size ``n_perm`` after ``b`` blocks gives the fixed-size result for ``b * n_perm`` units.
+
+References:
+  Castro, Gomez, Tejada (2009), Polynomial calculation of the Shapley value based on sampling.
+  Mitchell, Cooper, Frank, Holmes (2022), Sampling permutations for Shapley value estimation, JMLR.
+  Lundberg & Lee (2017), A unified approach to interpreting model predictions, NeurIPS.
+  Covert & Lee (2021), Improving KernelSHAP: practical Shapley value estimation via linear regression, AISTATS.
 """
 
 from __future__ import annotations
@@ -19,11 +39,21 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 ValueFn = Callable[[jax.Array], jax.Array]
 
-ESTIMATORS = ("permutation", "antithetic")
+ESTIMATORS = ("permutation", "antithetic", "stratified", "kernel")
+DEFAULT_ESTIMATOR = "antithetic"
 DEFAULT_BATCH_SIZE = 64
+STRATIFIED_SHIFTS = 8
+STRATIFIED_GROUP = 2 * STRATIFIED_SHIFTS  # permutations per stratified replicate: shifts and their reverses
+KERNEL_GROUPS = 32  # jackknife groups of the kernel estimator: unit i falls in group i % KERNEL_GROUPS
+DEFAULT_MAX_BLOCKS = 64  # with tol and no max_evals: the budget is this many blocks
+_RIDGE = 1e-6
+# Student-t 97.5% quantiles over 1.96, for 1..1024 degrees of freedom (beyond: 1).
+_T_INFLATION = np.concatenate([scipy.stats.t.ppf(0.975, np.arange(1, 1025)) / scipy.stats.norm.ppf(0.975),
+                               [1.0]]).astype(np.float32)
 
 
 @flax.struct.dataclass
@@ -32,8 +62,9 @@ class ShapleyResult:
 
   Attributes:
     values: ``f32[..., n_players]`` estimated Shapley value of each player.
-    stderr: ``f32[..., n_players]`` standard error of each value (0 for exact values; NaN when fewer than two
-      independent samples were drawn).
+    stderr: ``f32[..., n_players]`` standard error of each value (0 for exact values and padding players;
+      NaN when fewer than two independent samples were drawn), scaled by ``t(0.975, dof) / 1.96`` so that
+      ``values +- 1.96 * stderr`` is a 95% interval even with few independent samples.
     n_evals: ``i32[...]`` value-function evaluations that the estimate rests on (evaluations that padding
       players would have cost are not counted: they are skipped).
     converged: ``bool[...]`` whether the stopping tolerance was met (always True without ``tol``).
@@ -57,6 +88,20 @@ def _check_counts(n_players: int, n_perm: int, batch_size: int, estimator: str) 
   if estimator == "antithetic" and n_perm % 2:
     raise ValueError(f"estimator='antithetic' pairs each permutation with its reverse: n_perm must be even, "
                      f"got {n_perm}")
+  if estimator == "stratified" and n_perm % STRATIFIED_GROUP:
+    raise ValueError(f"estimator='stratified' draws groups of {STRATIFIED_GROUP} permutations: n_perm must be a "
+                     f"multiple of {STRATIFIED_GROUP}, got {n_perm}")
+
+
+def _check_stopping(tol, max_evals) -> None:
+  if tol is None:
+    if max_evals is not None:
+      raise ValueError("max_evals is the budget of stopping on tolerance: pass tol too")
+    return
+  if not isinstance(tol, (int, float, np.floating, np.integer)) or not tol >= 0:
+    raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+  if max_evals is not None and (not isinstance(max_evals, (int, np.integer)) or max_evals < 1):
+    raise ValueError(f"max_evals must be a positive int, got {max_evals!r}")
 
 
 def _player_mask(player_mask, n_players: int) -> jax.Array:
@@ -68,8 +113,28 @@ def _player_mask(player_mask, n_players: int) -> jax.Array:
   return player_mask.astype(bool)
 
 
+def evals_per_unit(n_active, estimator: str):
+  """Evaluations one unit of ``n_perm`` costs with ``n_active`` active players (ints or traced arrays).
+
+  A permutation costs ``n_active - 1`` (the empty and the full coalition are evaluated once per call); a
+  kernel unit is ``n_active // 2`` coalitions and their complements.
+  """
+  if estimator == "kernel":
+    return 2 * (n_active // 2)
+  return n_active - 1 if isinstance(n_active, (int, np.integer)) else jnp.maximum(n_active - 1, 0)
+
+
+def _random_ranks(key: jax.Array, active: jax.Array) -> jax.Array:
+  """Ranks of a uniform random order of the active players; inactive players stand last, in index order."""
+  n_players = active.shape[0]
+  draw = jax.random.uniform(key, (n_players,))
+  sort_key = jnp.where(active, draw, 2.0 + jnp.arange(n_players, dtype=draw.dtype))
+  order = jnp.argsort(sort_key)
+  return jnp.zeros((n_players,), jnp.int32).at[order].set(jnp.arange(n_players, dtype=jnp.int32))
+
+
 def _permutation_ranks(key: jax.Array, index: jax.Array, active: jax.Array, estimator: str) -> jax.Array:
-  """Position of each player in permutation ``index``; active players come first, in random order.
+  """Position of each player in permutation ``index``; active players come first.
 
   Returns:
     ``i32[n_players]``: ``ranks[j]`` is where player ``j`` stands. Inactive (null) players take the last
@@ -79,11 +144,18 @@ def _permutation_ranks(key: jax.Array, index: jax.Array, active: jax.Array, esti
   if estimator == "antithetic":
     draw = jax.random.uniform(jax.random.fold_in(key, index // 2), (n_players,))
     draw = jnp.where(index % 2 == 1, -draw, draw)  # the reverse of the pair's first permutation
-  else:
-    draw = jax.random.uniform(jax.random.fold_in(key, index), (n_players,), minval=-1.0, maxval=1.0)
-  sort_key = jnp.where(active, draw, 2.0 + jnp.arange(n_players, dtype=draw.dtype))
-  order = jnp.argsort(sort_key)
-  return jnp.zeros((n_players,), jnp.int32).at[order].set(jnp.arange(n_players, dtype=jnp.int32))
+    sort_key = jnp.where(active, draw, 2.0 + jnp.arange(n_players, dtype=draw.dtype))
+    order = jnp.argsort(sort_key)
+    return jnp.zeros((n_players,), jnp.int32).at[order].set(jnp.arange(n_players, dtype=jnp.int32))
+  if estimator == "stratified":
+    n_active = jnp.sum(active, dtype=jnp.int32)
+    base = _random_ranks(jax.random.fold_in(key, index // STRATIFIED_GROUP), active)
+    within = index % STRATIFIED_GROUP
+    shift = (within // 2) * n_active // STRATIFIED_SHIFTS
+    shifted = (base + shift) % jnp.maximum(n_active, 1)
+    shifted = jnp.where(within % 2 == 1, n_active - 1 - shifted, shifted)
+    return jnp.where(active, shifted, base).astype(jnp.int32)
+  return _random_ranks(jax.random.fold_in(key, index), active)
 
 
 def _evaluate_chunked(value_fn: ValueFn, coalitions_of: Callable, n_items: int, batch_size: int,
@@ -100,6 +172,11 @@ def _evaluate_chunked(value_fn: ValueFn, coalitions_of: Callable, n_items: int, 
 
   values = jax.lax.map(one_chunk, jnp.arange(n_chunks))
   return values.reshape(-1)[:n_items]
+
+
+def endpoint_values(value_fn: ValueFn, active: jax.Array) -> jax.Array:
+  """``f32[2]``: v(empty) and v(all active players), the two evaluations every estimate starts from."""
+  return value_fn(jnp.stack([jnp.zeros_like(active), active])).astype(jnp.float32)
 
 
 def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *, key: jax.Array,
@@ -121,7 +198,7 @@ def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *,
     key: PRNG key.
     start: index of the first permutation.
     batch_size: coalitions per value-function call (static).
-    estimator: ``"permutation"`` or ``"antithetic"`` (static).
+    estimator: ``"permutation"``, ``"antithetic"`` or ``"stratified"`` (static).
     player_mask: ``bool[n_players]``; False marks null players (e.g. padding regions) that get exactly 0.
     v_empty_full: ``f32[2]`` precomputed v(empty) and v(all active); evaluated here when None.
 
@@ -133,7 +210,7 @@ def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *,
   indices = start + jnp.arange(n_perm)
   ranks = jax.vmap(lambda i: _permutation_ranks(key, i, active, estimator))(indices)  # [P, n]
   if v_empty_full is None:
-    v_empty_full = value_fn(jnp.stack([jnp.zeros_like(active), active])).astype(jnp.float32)
+    v_empty_full = endpoint_values(value_fn, active)
   v_empty, v_full = v_empty_full[0], v_empty_full[1]
 
   # Coalition sizes 1 .. n-1, size-major: item f has size f // P + 1 and permutation f % P.
@@ -157,14 +234,21 @@ def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *,
   return jnp.where(active[None, :], contributions, 0.0), v_empty_full
 
 
+def _independent_samples(contributions: jax.Array, estimator: str) -> jax.Array:
+  """Rows that are iid: permutations, antithetic pairs, or stratified groups (their means)."""
+  group = {"antithetic": 2, "stratified": STRATIFIED_GROUP}.get(estimator, 1)
+  if group == 1:
+    return contributions
+  return contributions.reshape(-1, group, contributions.shape[-1]).mean(axis=1)
+
+
 def summarize_contributions(contributions: jax.Array, *, estimator: str) -> tuple[jax.Array, jax.Array]:
   """Mean and standard error of per-permutation contributions ``f32[P, n]``.
 
-  Antithetic pairs are averaged first: the pair, not the permutation, is the independent sample.
+  Antithetic pairs and stratified groups are averaged first: they, not the permutations, are the independent
+  samples.
   """
-  samples = contributions
-  if estimator == "antithetic":
-    samples = contributions.reshape(-1, 2, contributions.shape[-1]).mean(axis=1)
+  samples = _independent_samples(contributions, estimator)
   n_samples = samples.shape[0]
   values = contributions.mean(axis=0)
   if n_samples < 2:
@@ -173,15 +257,224 @@ def summarize_contributions(contributions: jax.Array, *, estimator: str) -> tupl
   return values, stderr
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Running statistics. A block's statistics merge into the state, so blocks of any size give one estimate.
+
+
+def init_state(n_players: int, estimator: str) -> dict[str, jax.Array]:
+  """Empty running statistics of ``estimator`` for ``n_players`` players (a pytree of fixed shapes).
+
+  Permutation estimators keep the count, mean and sum of squared deviations of their independent samples
+  (merged with Chan's parallel formula); the kernel estimator keeps per-group normal equations.
+  """
+  state = {"units": jnp.zeros((), jnp.int32)}
+  if estimator == "kernel":
+    state["gram"] = jnp.zeros((KERNEL_GROUPS, n_players, n_players), jnp.float32)
+    state["moment"] = jnp.zeros((KERNEL_GROUPS, n_players), jnp.float32)
+    state["count"] = jnp.zeros((KERNEL_GROUPS,), jnp.float32)
+  else:
+    state["count"] = jnp.zeros((), jnp.float32)
+    state["mean"] = jnp.zeros((n_players,), jnp.float32)
+    state["m2"] = jnp.zeros((n_players,), jnp.float32)
+  return state
+
+
+def _merge_moments(state, samples):
+  count_b = float(samples.shape[0])
+  mean_b = samples.mean(axis=0)
+  m2_b = jnp.sum((samples - mean_b[None, :]) ** 2, axis=0)
+  count = state["count"] + count_b
+  delta = mean_b - state["mean"]
+  mean = state["mean"] + delta * (count_b / count)
+  m2 = state["m2"] + m2_b + delta ** 2 * (state["count"] * count_b / count)
+  return {**state, "count": count, "mean": mean, "m2": m2}
+
+
+def _kernel_coalitions(key: jax.Array, unit: jax.Array, active: jax.Array) -> jax.Array:
+  """``bool[n_players // 2, 2, n_players]``: the unit's coalitions, each next to its complement.
+
+  Sizes follow the Shapley kernel, p(s) proportional to 1 / (s (n_active - s)) for 0 < s < n_active, and the
+  coalition is uniform among those of its size, so each is drawn with probability proportional to its kernel
+  weight and the least-squares fit needs no weights.
+  """
+  n_players = active.shape[0]
+  n_active = jnp.sum(active, dtype=jnp.int32)
+  sizes = jnp.arange(1, n_players + 1)
+  weights = jnp.where(sizes < n_active, 1.0 / (sizes * jnp.maximum(n_active - sizes, 1)), 0.0)
+  cdf = jnp.cumsum(weights) / jnp.maximum(jnp.sum(weights), 1e-30)
+
+  def one_pair(pair):
+    size_key, order_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, unit), pair))
+    size = 1 + jnp.sum(cdf < jax.random.uniform(size_key)[None], dtype=jnp.int32)
+    size = jnp.clip(size, 1, jnp.maximum(n_active - 1, 1))
+    coalition = (_random_ranks(order_key, active) < size) & active
+    return jnp.stack([coalition, active & ~coalition])
+
+  return jax.vmap(one_pair)(jnp.arange(n_players // 2))
+
+
+def _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, state):
+  n_pairs = n_players // 2
+  n_active = jnp.sum(active, dtype=jnp.int32)
+  units = start + jnp.arange(n_perm)
+  coalitions = jax.vmap(lambda u: _kernel_coalitions(key, u, active))(units)  # [P, Q, 2, n]
+  # Pair-major layout, as the permutations' size-major one: the pairs a unit does not need form a tail.
+  flat_coalitions = jnp.transpose(coalitions, (1, 0, 2, 3)).reshape(-1, n_players)
+  n_items = flat_coalitions.shape[0]
+  if n_items:
+    needed = (n_active // 2) * n_perm * 2
+    values = _evaluate_chunked(value_fn, lambda flat: flat_coalitions[flat], n_items, batch_size, needed)
+    values = jnp.transpose(values.reshape(n_pairs, n_perm, 2), (1, 0, 2))  # [P, Q, 2]
+  else:
+    values = jnp.zeros((n_perm, 0, 2), jnp.float32)
+  used = (jnp.arange(n_pairs) < n_active // 2)[None, :, None]
+  targets = jnp.where(used, values - v_empty_full[0], 0.0)
+  z = coalitions.astype(jnp.float32) * used[..., None].astype(jnp.float32)
+  group = jax.nn.one_hot(units % KERNEL_GROUPS, KERNEL_GROUPS, dtype=jnp.float32)  # [P, J]
+  gram = jnp.einsum("pg,pqsi,pqsj->gij", group, z, z)
+  moment = jnp.einsum("pg,pqsi,pqs->gi", group, z, targets)
+  count = group.sum(axis=0) * (2 * (n_active // 2)).astype(jnp.float32)
+  return {**state, "gram": state["gram"] + gram, "moment": state["moment"] + moment,
+          "count": state["count"] + count}
+
+
+def _constrained_fit(gram, moment, count, active, total):
+  """Least squares of ``v(z) - v(empty)`` on ``z`` with ``sum(phi) = total``; padding players get 0."""
+  n_players = active.shape[0]
+  eye = jnp.eye(n_players, dtype=jnp.float32)
+  both = active[:, None] & active[None, :]
+  a = jnp.where(both, gram / jnp.maximum(count, 1.0), eye) + _RIDGE * eye
+  b = jnp.where(active, moment / jnp.maximum(count, 1.0), 0.0)
+  c = active.astype(jnp.float32)
+  solved = jnp.linalg.solve(a, jnp.stack([b, c], axis=1))
+  a_inv_b, a_inv_c = solved[:, 0], solved[:, 1]
+  multiplier = (c @ a_inv_b - total) / (c @ a_inv_c)
+  return jnp.where(active, a_inv_b - multiplier * a_inv_c, 0.0)
+
+
+def _t_inflation(n_samples: jax.Array) -> jax.Array:
+  """``t(0.975, n_samples - 1) / 1.96``: a 1.96-stderr interval is then a 95% interval."""
+  dof = jnp.clip(n_samples.astype(jnp.int32) - 1, 1, _T_INFLATION.shape[0])
+  return jnp.asarray(_T_INFLATION)[dof - 1]
+
+
+def _finish(state, active, v_empty_full, estimator):
+  """Values and standard errors from running statistics."""
+  if estimator != "kernel":
+    count = state["count"]
+    stderr = jnp.sqrt(state["m2"] / jnp.maximum(count - 1.0, 1.0) / jnp.maximum(count, 1.0))
+    stderr = jnp.where(count >= 2, stderr * _t_inflation(count), jnp.nan)
+    return state["mean"], jnp.where(active, stderr, 0.0)
+  total = v_empty_full[1] - v_empty_full[0]
+  gram, moment, count = state["gram"], state["moment"], state["count"]
+  values = _constrained_fit(gram.sum(0), moment.sum(0), count.sum(), active, total)
+  # Delete-a-group jackknife over the groups that hold samples.
+  fit_without = jax.vmap(lambda g, m, k: _constrained_fit(gram.sum(0) - g, moment.sum(0) - m, count.sum() - k,
+                                                          active, total))
+  left_out = fit_without(gram, moment, count)  # [J, n]
+  filled = count > 0
+  n_groups = jnp.sum(filled, dtype=jnp.float32)
+  centre = jnp.sum(jnp.where(filled[:, None], left_out, 0.0), axis=0) / jnp.maximum(n_groups, 1.0)
+  spread = jnp.sum(jnp.where(filled[:, None], (left_out - centre[None, :]) ** 2, 0.0), axis=0)
+  stderr = jnp.sqrt(spread * (n_groups - 1.0) / jnp.maximum(n_groups, 1.0))
+  stderr = jnp.where(n_groups >= 2, stderr * _t_inflation(n_groups), jnp.nan)
+  # With fewer than two active players there is nothing to estimate: the constraint alone is exact.
+  stderr = jnp.where(jnp.sum(active) <= 1, 0.0, stderr)
+  return values, jnp.where(active, stderr, 0.0)
+
+
+def estimate_block(value_fn: ValueFn, n_players: int, n_perm: int, *, key: jax.Array, start: int | jax.Array,
+                   state: dict[str, jax.Array], active: jax.Array, v_empty_full: jax.Array,
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   estimator: str = DEFAULT_ESTIMATOR) -> tuple[dict[str, jax.Array], ShapleyResult]:
+  """Draws units ``start .. start + n_perm - 1``, merges them into ``state`` and returns the estimate so far.
+
+  Traceable (call it inside ``jit``); ``start`` may be traced, so one compiled block serves every block of a
+  run. :func:`shapley_values` and :func:`shapjax.attribute` are built on it.
+
+  Args:
+    value_fn: ``bool[B, n_players] -> f32[B]``.
+    n_players: number of players (static).
+    n_perm: units in this block (static).
+    key: PRNG key of the whole run.
+    start: index of the block's first unit.
+    state: running statistics from :func:`init_state` or a previous block.
+    active: ``bool[n_players]``; False marks padding players, which get exactly 0 and cost nothing.
+    v_empty_full: ``f32[2]`` from :func:`endpoint_values`.
+    batch_size: coalitions per value-function call (static).
+    estimator: one of :data:`ESTIMATORS` (static).
+
+  Returns:
+    ``(state, result)``; ``result.converged`` is True (the caller decides about stopping).
+  """
+  if estimator == "kernel":
+    state = _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, state)
+  else:
+    contributions, _ = permutation_contributions(
+        value_fn, n_players, n_perm, key=key, start=start, batch_size=batch_size, estimator=estimator,
+        player_mask=active, v_empty_full=v_empty_full)
+    state = _merge_moments(state, _independent_samples(contributions, estimator))
+  state = {**state, "units": state["units"] + n_perm}
+  values, stderr = _finish(state, active, v_empty_full, estimator)
+  n_active = jnp.sum(active, dtype=jnp.int32)
+  n_evals = state["units"] * evals_per_unit(n_active, estimator) + 2
+  return state, ShapleyResult(values=values, stderr=stderr, n_evals=n_evals.astype(jnp.int32),
+                              converged=jnp.asarray(True))
+
+
+def tolerance_met(result: ShapleyResult, active, tol: float) -> bool:
+  """The stopping rule: ``max(stderr) < tol * (max(values) - min(values))`` over the active players.
+
+  NaN error bars (fewer than two independent samples) never meet it; neither does a spread of 0 unless every
+  standard error is 0 too (then the values are exact, e.g. an additive game with antithetic sampling).
+  """
+  active = np.asarray(active, bool)
+  values = np.asarray(result.values, np.float64)[active]
+  stderr = np.asarray(result.stderr, np.float64)[active]
+  if values.size == 0:
+    return True
+  if np.any(np.isnan(stderr)):
+    return False
+  largest = float(np.max(stderr))
+  return largest < tol * float(np.ptp(values)) or largest == 0.0
+
+
+def run_blocks(block_fn: Callable, state, *, n_perm: int, units_cost: int, tol: float | None,
+               max_evals: int | None, active) -> ShapleyResult:
+  """Host loop over jitted blocks: ``block_fn(state, start) -> (state, result)``.
+
+  Without ``tol`` runs one block. With it, runs blocks of ``n_perm`` units until :func:`tolerance_met` or the
+  next block would spend more than ``max_evals`` evaluations in total (``units_cost`` per unit, 2 more for
+  the empty and full coalitions).
+  """
+  block_evals = n_perm * units_cost
+  if tol is not None:
+    if max_evals is None:
+      max_evals = 2 + DEFAULT_MAX_BLOCKS * block_evals
+    if 2 + block_evals > max_evals:
+      raise ValueError(f"max_evals={max_evals} is less than one block of n_perm={n_perm} units "
+                       f"({2 + block_evals} evaluations); lower n_perm or raise max_evals")
+  start = 0
+  while True:
+    state, result = block_fn(state, jnp.asarray(start, jnp.int32))
+    start += n_perm
+    if tol is None:
+      return result
+    if tolerance_met(result, active, tol):
+      return result.replace(converged=jnp.asarray(True))
+    if 2 + (start // n_perm + 1) * block_evals > max_evals:
+      return result.replace(converged=jnp.asarray(False))
+
+
+@functools.partial(jax.jit, static_argnames=("value_fn",))
+def _endpoints_jit(value_fn, active):
+  return endpoint_values(value_fn, active)
+
+
 @functools.partial(jax.jit, static_argnames=("value_fn", "n_players", "n_perm", "batch_size", "estimator"))
-def _shapley_values_jit(value_fn, n_players, n_perm, key, player_mask, batch_size, estimator):
-  contributions, _ = permutation_contributions(
-      value_fn, n_players, n_perm, key=key, batch_size=batch_size, estimator=estimator,
-      player_mask=player_mask)
-  values, stderr = summarize_contributions(contributions, estimator=estimator)
-  n_active = jnp.sum(_player_mask(player_mask, n_players), dtype=jnp.int32)
-  n_evals = n_perm * jnp.maximum(n_active - 1, 0) + 2
-  return ShapleyResult(values=values, stderr=stderr, n_evals=n_evals, converged=jnp.asarray(True))
+def _block_jit(value_fn, n_players, n_perm, key, start, state, active, v_empty_full, batch_size, estimator):
+  return estimate_block(value_fn, n_players, n_perm, key=key, start=start, state=state, active=active,
+                        v_empty_full=v_empty_full, batch_size=batch_size, estimator=estimator)
 
 
 def shapley_values(
@@ -191,24 +484,42 @@ def shapley_values(
     *,
     key: jax.Array,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    estimator: str = "antithetic",
+    estimator: str = DEFAULT_ESTIMATOR,
     player_mask=None,
+    tol: float | None = None,
+    max_evals: int | None = None,
 ) -> ShapleyResult:
-  """Monte Carlo permutation estimate of the Shapley values of ``value_fn``.
+  """Sampling estimate of the Shapley values of ``value_fn``, with standard errors.
 
-  Each permutation costs ``n_active - 1`` evaluations; v(empty) and v(all) are evaluated once. The values of
-  every permutation sum to ``v(all) - v(empty)`` exactly (telescoping), so the estimate is efficient by
-  construction, and players outside ``player_mask`` get exactly 0 without costing any evaluation.
+  A unit of ``n_perm`` costs ``n_active - 1`` evaluations (a permutation) or ``2 * (n_active // 2)`` (a kernel
+  unit); v(empty) and v(all) are evaluated once. Players outside ``player_mask`` get exactly 0 and cost no
+  evaluation. Efficiency, ``sum(values) = v(all) - v(empty)``, holds for every estimator: exactly per
+  permutation for the permutation estimators (telescoping), and through the constraint of the kernel fit.
+
+  Error bars: permutations, antithetic pairs and stratified groups are iid, so ``stderr`` is their standard
+  deviation over ``sqrt(count)``; the kernel estimator's comes from a delete-a-group jackknife. Both are
+  scaled by the Student-t factor ``t(0.975, dof) / 1.96`` (1.02 at 50 samples, 1.62 at 4), so that
+  ``values +- 1.96 * stderr`` covers the true values 95% of the time even with few samples.
+
+  Stopping on tolerance: with ``tol``, ``n_perm`` is the block size. Blocks of ``n_perm`` units run (one
+  compiled program, reused) until ``max(stderr) < tol * (max(values) - min(values))`` over the active players,
+  or until one more block would take the evaluations past ``max_evals`` (default: the cost of
+  :data:`DEFAULT_MAX_BLOCKS` blocks); ``converged`` says which. Block ``b`` holds units
+  ``b * n_perm .. (b + 1) * n_perm - 1``, so the result equals the fixed-size result for the same total.
 
   Args:
     value_fn: ``bool[B, n_players] -> f32[B]``, a JAX-traceable function (hashable: pass the same function
       object to reuse the compiled program).
     n_players: number of players.
-    n_perm: permutations to draw; with ``"antithetic"`` it counts reverses too and must be even.
-    key: PRNG key; permutation ``i`` comes from ``fold_in(key, i)`` (pair ``i // 2`` for antithetic).
+    n_perm: units to draw (permutations, or kernel units); the block size with ``tol``. Even for
+      ``"antithetic"``, a multiple of 16 for ``"stratified"``.
+    key: PRNG key; unit ``i`` comes from ``fold_in(key, i)`` (pair ``i // 2`` for antithetic, group ``i // 16``
+      for stratified).
     batch_size: coalitions per ``value_fn`` call: bounds peak memory, does not change the sample.
-    estimator: ``"permutation"`` (plain Monte Carlo) or ``"antithetic"`` (each permutation and its reverse).
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (module docstring).
     player_mask: optional ``bool[n_players]``; False marks null players (padding) that get exactly 0.
+    tol: relative tolerance on the largest standard error; None runs ``n_perm`` units once.
+    max_evals: evaluation budget when stopping on tolerance.
 
   Returns:
     :class:`ShapleyResult` with ``values`` and ``stderr`` of shape ``[n_players]``.
@@ -222,8 +533,17 @@ def shapley_values(
     [0.0, 1.0, 2.0, 3.0]
   """
   _check_counts(n_players, n_perm, batch_size, estimator)
-  player_mask = _player_mask(player_mask, int(n_players))
-  return _shapley_values_jit(value_fn, int(n_players), int(n_perm), key, player_mask, int(batch_size), estimator)
+  _check_stopping(tol, max_evals)
+  n_players, n_perm, batch_size = int(n_players), int(n_perm), int(batch_size)
+  active = _player_mask(player_mask, n_players)
+  v_empty_full = _endpoints_jit(value_fn, active)
+
+  def block_fn(state, start):
+    return _block_jit(value_fn, n_players, n_perm, key, start, state, active, v_empty_full, batch_size, estimator)
+
+  units_cost = 0 if tol is None else evals_per_unit(int(np.sum(np.asarray(active))), estimator)
+  return run_blocks(block_fn, init_state(n_players, estimator), n_perm=n_perm, units_cost=units_cost, tol=tol,
+                    max_evals=max_evals, active=active)
 
 
 @functools.partial(jax.jit, static_argnames=("value_fn", "n_players", "batch_size"))
@@ -254,7 +574,10 @@ def exact_shapley(value_fn: ValueFn, n_players: int, *, batch_size: int = 1024) 
   if not isinstance(n_players, (int, np.integer)) or not 1 <= n_players <= 24:
     raise ValueError(f"exact_shapley needs 1 <= n_players <= 24, got {n_players!r}")
   values = np.asarray(_all_coalition_values(value_fn, int(n_players), int(batch_size)), np.float64)
-  n = int(n_players)
+  return _exact_from_table(values, int(n_players))
+
+
+def _exact_from_table(values: np.ndarray, n: int) -> ShapleyResult:
   coalitions = np.arange(2 ** n)
   sizes = np.zeros(2 ** n, np.int64)
   for bit in range(n):
