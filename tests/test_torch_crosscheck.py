@@ -1,0 +1,81 @@
+"""The PyTorch reference in benchmarks/ computes what shapjax computes: same reconstructions, same values.
+
+The benchmarks compare speeds only if both sides do the same work; these tests pin that down on tiny sizes
+(eager PyTorch, no torch.compile).
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import shapjax
+from shapjax import masking
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import torch_reference  # noqa: E402
+
+from conftest import stripes_labels  # noqa: E402
+
+
+def _params(key, image_shape, decoder):
+  config = shapjax.AutoencoderConfig(image_shape, features=(8, 16), latent_features=8, decoder=decoder)
+  params = shapjax.init_autoencoder(key=key, config=config)
+  # Larger weights than the initialiser's so the output is far from a flat 0.5 and a wrong channel order shows.
+  weights = jax.tree.map(lambda w: 3.0 * w, params.weights)
+  return shapjax.AutoencoderParams(weights=weights, config=config)
+
+
+@pytest.mark.parametrize("decoder,image_shape", [("shuffle", (30, 36, 3)), ("resize", (20, 24, 1))])
+def test_reconstructions_match(key, decoder, image_shape):
+  params = _params(key, image_shape, decoder)
+  images = np.random.default_rng(0).random((3, *image_shape), dtype=np.float32)
+  expected = np.asarray(shapjax.reconstruct(params, images))
+  module = torch_reference.torch_autoencoder(params)
+  with torch.no_grad():
+    got = module(torch_reference.to_nchw(images)).numpy().transpose(0, 2, 3, 1)
+  assert expected.std() > 0.02
+  np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)
+  loss = torch_reference.reconstruction_loss(module, torch_reference.to_nchw(images)).detach().numpy()
+  np.testing.assert_allclose(loss, np.asarray(shapjax.reconstruction_loss(params, images)), rtol=2e-5)
+
+
+def test_transpose_decoder_is_refused():
+  config = shapjax.AutoencoderConfig((16, 16, 1), features=(4,), latent_features=4, decoder="transpose")
+  with pytest.raises(ValueError, match="transpose"):
+    torch_reference.TorchAutoencoder(config)
+
+
+def test_shapley_values_match_for_same_permutations(key):
+  estimator = "antithetic"
+  image_shape, max_regions, n_regions, n_perm = (24, 24, 3), 8, 6, 6
+  params = _params(key, image_shape, "shuffle")
+  image = np.random.default_rng(1).random(image_shape, dtype=np.float32)
+  labels = stripes_labels(24, 24, n_regions)
+  sample_key = jax.random.key(3)
+  result = shapjax.attribute(params, image, labels, n_perm, key=sample_key, max_regions=max_regions,
+                             batch_size=5, estimator=estimator)
+
+  module = torch_reference.torch_autoencoder(params)
+  baseline = torch_reference.to_nchw(masking.make_baseline(image, "blur"))
+  ranks = torch_reference.shapjax_ranks(sample_key, n_perm, max_regions, n_regions, estimator=estimator)
+  contributions, n_evals = torch_reference.torch_permutation_shapley(
+      lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
+      torch.as_tensor(labels, dtype=torch.long), baseline, torch.as_tensor(ranks), n_regions, batch_size=7)
+  values = contributions.mean(0).numpy()
+  assert n_evals == int(result.n_evals)
+  scale = np.abs(np.asarray(result.values)).max()
+  assert scale > 0
+  np.testing.assert_allclose(values, np.asarray(result.values), atol=1e-4 * scale, rtol=0)
+  assert np.all(values[n_regions:] == 0)
+
+  captum_values, captum_evals = torch_reference.captum_shapley(
+      lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
+      torch.as_tensor(labels, dtype=torch.long), baseline, n_perm, perturbations_per_eval=4,
+      orders=torch_reference.permutation_orders(ranks, n_regions))
+  assert captum_evals == 1 + n_perm * n_regions
+  np.testing.assert_allclose(captum_values.numpy(), np.asarray(result.values)[:n_regions], atol=1e-4 * scale,
+                             rtol=0)
