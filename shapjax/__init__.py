@@ -2,6 +2,10 @@
 
 from shapjax.attribution import attribute
 from shapjax.attribution import attribute_batch
+from shapjax.distributed import DatasetAttribution
+from shapjax.distributed import attribute_dataset
+from shapjax.distributed import attribute_sharded
+from shapjax.distributed import make_mesh
 from shapjax.masking import heatmap
 from shapjax.masking import make_baseline
 from shapjax.masking import masked_value_fn
@@ -25,15 +29,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoencoderConfig",
     "AutoencoderParams",
+    "DatasetAttribution",
     "ShapleyResult",
     "attribute",
     "attribute_batch",
+    "attribute_dataset",
+    "attribute_sharded",
     "aupro",
     "exact_shapley",
     "heatmap",
     "image_auroc",
     "init_autoencoder",
     "make_baseline",
+    "make_mesh",
     "masked_value_fn",
     "pixel_auroc",
     "reconstruct",
