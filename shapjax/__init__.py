@@ -6,6 +6,7 @@ from shapjax.distributed import DatasetAttribution
 from shapjax.distributed import attribute_dataset
 from shapjax.distributed import attribute_sharded
 from shapjax.distributed import make_mesh
+from shapjax.evaluation import evaluate
 from shapjax.masking import heatmap
 from shapjax.masking import make_baseline
 from shapjax.masking import masked_value_fn
@@ -36,6 +37,7 @@ __all__ = [
     "attribute_dataset",
     "attribute_sharded",
     "aupro",
+    "evaluate",
     "exact_shapley",
     "heatmap",
     "image_auroc",

@@ -1,0 +1,448 @@
+"""Anomaly maps from one trained autoencoder, and their evaluation on an MVTec-layout test split.
+
+Every map is built from the same per-image parts, computed once and cached on disk:
+
+* ``residual``: the per-pixel squared reconstruction error, Gaussian-smoothed.
+* ``shapley``: the Shapley value of each SLIC region (:func:`shapjax.attribute`) painted on its pixels,
+  averaged over the SLIC scales.
+* ``shapley_area``: the Shapley value divided by the region's share of the image, i.e. the loss per pixel that
+  the region accounts for (the same units as the residual), so that large regions do not win by size alone.
+* ``residual_x_shapley``: the residual map times the (non-negative part of the) ``shapley_area`` map: pixel
+  detail from the residual, gated by whether the region the pixel lies in raises the loss.
+
+Any Shapley map name takes an ablation suffix: ``":constant"`` replaces each image's region values by their
+mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
+not use the Shapley values.
+
+The image-level score of every map is its maximum. Maps are scored at each ground-truth mask's original size
+(bilinear upsampling) with :mod:`shapjax.metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+import skimage.transform
+
+from shapjax import attribution, masking, metrics, model, sampling, segmentation
+
+BASE_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley")
+"""Names of the anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
+ABLATIONS = ("constant", "shuffled")
+DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley")
+DEFAULT_N_PERM = 8
+DEFAULT_REGIONS = (32,)
+DEFAULT_BASELINE = "reconstruction"
+DEFAULT_SIGMA = 2.0
+_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSettings:
+  """How the per-image parts are computed (everything the cache key depends on).
+
+  Attributes:
+    n_perm: permutations per image (even: antithetic pairs).
+    regions: SLIC scales: one ``max_regions`` per scale; the Shapley maps average over them.
+    baseline: ``"reconstruction"`` (absent regions become the autoencoder's reconstruction of the image:
+      a defect-free look-alike), or any baseline of :func:`shapjax.attribute` (``"blur"``, ``"mean"``,
+      ``"zeros"``, a float).
+    estimator: ``"antithetic"`` or ``"permutation"``.
+    sigma: Gaussian smoothing of every map, in model pixels.
+    seed: seed of the permutation keys (image ``i`` of the full split uses ``fold_in(key(seed), i)``).
+  """
+
+  n_perm: int = DEFAULT_N_PERM
+  regions: tuple[int, ...] = DEFAULT_REGIONS
+  baseline: str | float = DEFAULT_BASELINE
+  estimator: str = "antithetic"
+  sigma: float = DEFAULT_SIGMA
+  seed: int = 0
+
+  def __post_init__(self):
+    regions = (self.regions,) if isinstance(self.regions, (int, np.integer)) else tuple(self.regions)
+    object.__setattr__(self, "regions", tuple(int(r) for r in regions))
+    if not self.regions or min(self.regions) < 2:
+      raise ValueError(f"regions must be one or more ints >= 2, got {self.regions}")
+    if isinstance(self.baseline, str) and self.baseline not in ("reconstruction", *masking.BASELINES):
+      raise ValueError(f"baseline must be 'reconstruction', one of {masking.BASELINES}, or a float; "
+                       f"got {self.baseline!r}")
+
+
+def _parse_map(name: str) -> tuple[str, str | None]:
+  base, _, ablation = name.partition(":")
+  if base not in BASE_MAPS:
+    raise ValueError(f"unknown map {name!r}; choose from {BASE_MAPS} (Shapley maps may end in "
+                     f"{[':' + a for a in ABLATIONS]})")
+  if ablation and (ablation not in ABLATIONS or base == "residual"):
+    raise ValueError(f"unknown ablation in {name!r}: Shapley maps take {[':' + a for a in ABLATIONS]}")
+  return base, ablation or None
+
+
+def _needs_shapley(names: Sequence[str]) -> bool:
+  return any(_parse_map(n)[0] != "residual" for n in names)
+
+
+# --- Per-image parts ---------------------------------------------------------------------------------------------
+
+@jax.jit
+def _reconstruct_one(params: model.AutoencoderParams, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  reconstruction = model.reconstruct(params, image[None])[0]
+  return reconstruction, jnp.mean(jnp.square(reconstruction - image), axis=-1)
+
+
+def image_parts(params: model.AutoencoderParams, image: np.ndarray, *, settings: MapSettings, key: jax.Array,
+                shapley: bool = True) -> dict[str, np.ndarray]:
+  """Everything the maps of one image are built from.
+
+  Args:
+    params: the autoencoder.
+    image: ``f32[H, W, C]`` at the model's size.
+    settings: :class:`MapSettings`.
+    key: PRNG key of this image's permutations.
+    shapley: also segment and attribute (else only the residual).
+
+  Returns:
+    ``residual: f32[H, W]`` (unsmoothed), ``residual_seconds``, and with ``shapley``, for each scale ``k``:
+    ``labels_k: i32[H, W]`` and ``values_k: f32[max_regions]``, and ``shapley_seconds``.
+  """
+  start = time.perf_counter()
+  image = jnp.asarray(image, jnp.float32)
+  reconstruction, residual = jax.block_until_ready(_reconstruct_one(params, image))
+  parts = {"residual": np.asarray(residual), "residual_seconds": np.float64(time.perf_counter() - start)}
+  if shapley:
+    start = time.perf_counter()
+    # The reconstruction is a defect-free look-alike of the image: absent regions look normal, not blurred.
+    baseline = reconstruction if settings.baseline == "reconstruction" else settings.baseline
+    for k, max_regions in enumerate(settings.regions):
+      labels = segmentation.segment(np.asarray(image), max_regions=max_regions)
+      result = attribution.attribute(params, image, labels, settings.n_perm, key=jax.random.fold_in(key, k),
+                                     baseline=baseline, max_regions=max_regions, estimator=settings.estimator)
+      parts[f"labels_{k}"] = labels
+      parts[f"values_{k}"] = np.asarray(jax.block_until_ready(result.values))
+    parts["shapley_seconds"] = np.float64(time.perf_counter() - start)
+  return parts
+
+
+def _ablate(values: np.ndarray, n_regions: int, ablation: str | None, seed: int) -> np.ndarray:
+  values = np.array(values, np.float64)
+  real = values[:n_regions]
+  if ablation == "constant":
+    real[:] = real.mean()
+  elif ablation == "shuffled":
+    real[:] = np.random.default_rng(seed).permutation(real)
+  return values
+
+
+def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, seed: int) -> np.ndarray:
+  maps = []
+  for k in range(n_scales):
+    labels = parts[f"labels_{k}"]
+    n_regions = int(labels.max()) + 1
+    values = _ablate(parts[f"values_{k}"], n_regions, ablation, seed + k)
+    if per_area:
+      area = np.bincount(labels.ravel(), minlength=values.size).astype(np.float64)
+      values = values * labels.size / np.maximum(area, 1.0)
+    maps.append(values[labels])
+  return np.mean(maps, axis=0)
+
+
+def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSettings, seed: int = 0) -> np.ndarray:
+  """One anomaly map of one image from its parts (:func:`image_parts`).
+
+  Args:
+    name: one of :data:`BASE_MAPS`, optionally with an ablation suffix (``"shapley_area:shuffled"``).
+    parts: from :func:`image_parts`.
+    settings: the :class:`MapSettings` the parts were computed with.
+    seed: seed of the ``:shuffled`` ablation's permutation.
+
+  Returns:
+    ``f32[H, W]`` at the model's size; higher is more anomalous.
+  """
+  base, ablation = _parse_map(name)
+  smooth = lambda m: scipy.ndimage.gaussian_filter(m, settings.sigma, mode="nearest") if settings.sigma > 0 else m
+  residual = smooth(np.asarray(parts["residual"], np.float64))
+  if base == "residual":
+    return residual.astype(np.float32)
+  n_scales = len(settings.regions)
+  if base == "shapley":
+    return smooth(_region_map(parts, n_scales, per_area=False, ablation=ablation, seed=seed)).astype(np.float32)
+  density = smooth(_region_map(parts, n_scales, per_area=True, ablation=ablation, seed=seed))
+  if base == "shapley_area":
+    return density.astype(np.float32)
+  return (residual * np.maximum(density, 0.0)).astype(np.float32)
+
+
+# --- Evaluation --------------------------------------------------------------------------------------------------
+
+def stratified_subset(defect_types: Sequence[str], limit: int | None) -> np.ndarray:
+  """A fixed subset of about ``limit`` indices with every defect type in proportion (at least one each).
+
+  Indices are evenly spaced within each type, so the same ``limit`` always picks the same images.
+  """
+  n = len(defect_types)
+  if limit is None or limit >= n:
+    return np.arange(n)
+  if limit < 1:
+    raise ValueError(f"limit must be >= 1, got {limit}")
+  types = np.asarray(defect_types)
+  picked = []
+  for t in sorted(set(defect_types)):
+    members = np.flatnonzero(types == t)
+    take = max(1, int(round(limit * members.size / n)))
+    picked.extend(members[np.linspace(0, members.size - 1, min(take, members.size)).round().astype(int)])
+  return np.unique(np.asarray(picked, int))
+
+
+def _params_digest(params: model.AutoencoderParams) -> str:
+  digest = hashlib.sha256(json.dumps(params.config.to_dict(), sort_keys=True).encode())
+  for leaf in jax.tree_util.tree_leaves(params.weights):
+    digest.update(np.asarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def _settings_digest(params_digest: str, settings: MapSettings) -> str:
+  record = dict(dataclasses.asdict(settings), version=_CACHE_VERSION, params=params_digest)
+  record.pop("sigma")  # smoothing is applied when the maps are built, not cached
+  return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_parts(path: Path, shapley: bool):
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as stored:
+      parts = dict(stored)
+  except (OSError, ValueError, EOFError):  # a file cut short by an interruption: compute it again
+    return None
+  if shapley and "shapley_seconds" not in parts:
+    return None
+  return parts
+
+
+def _save_parts(path: Path, parts) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(path.stem + ".partial.npz")
+  np.savez(partial, **parts)
+  os.replace(partial, path)  # atomic: an interrupted run never leaves a half-written cache entry
+
+
+def _upsample(image_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  if tuple(image_map.shape) == tuple(size):
+    return image_map
+  return skimage.transform.resize(image_map, size, order=1, mode="edge", anti_aliasing=False,
+                                  preserve_range=True).astype(np.float32)
+
+
+def _scores(maps_full, masks, image_scores, labels) -> dict:
+  pixel = metrics.pixel_metrics(maps_full, masks)
+  has_both = 0 < int(np.sum(labels)) < len(labels)
+  return {
+      "image_auroc": metrics.image_auroc(image_scores, labels) if has_both else None,
+      "pixel_auroc": pixel.pixel_auroc,
+      "aupro": pixel.aupro,
+      "n_images": int(len(labels)),
+  }
+
+
+def _load_split(data_or_split, params: model.AutoencoderParams):
+  if hasattr(data_or_split, "original_masks"):  # an MVTecSplit
+    return data_or_split
+  from shapjax import data  # pylint: disable=g-import-not-at-top
+  height, width, channels = params.config.image_shape
+  return data.load_mvtec(data_or_split, split="test", image_size=(height, width), channels=channels)
+
+
+def evaluate(
+    params: model.AutoencoderParams,
+    data_or_split,
+    *,
+    maps: Sequence[str] = DEFAULT_MAPS,
+    n_perm: int = DEFAULT_N_PERM,
+    regions: int | Sequence[int] = DEFAULT_REGIONS,
+    baseline: str | float = DEFAULT_BASELINE,
+    estimator: str = "antithetic",
+    sigma: float = DEFAULT_SIGMA,
+    seed: int = 0,
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    figures_dir: str | os.PathLike | None = None,
+    n_figure_images: int = 8,
+    progress: bool = True,
+) -> dict:
+  """Scores anomaly maps of one autoencoder on a test split: image AUROC, pixel AUROC, AUPRO@0.3.
+
+  For each test image the residual and (when a Shapley map is asked for) the SLIC labels and Shapley values
+  at every scale are computed once, then every map is derived from them. With ``cache_dir`` these per-image
+  parts are saved as one ``.npz`` per image, under a folder named by a hash of the weights and the settings,
+  so an interrupted run resumes where it stopped and other maps of the same settings cost nothing.
+
+  Metrics are computed overall and per defect type (that type's images plus all good images), with every
+  map upsampled to its mask's original size.
+
+  Args:
+    params: the trained autoencoder.
+    data_or_split: an MVTec-layout folder (its test split is loaded at the model's image size) or a
+      :class:`shapjax.data.MVTecSplit` at the model's size.
+    maps: names from :data:`BASE_MAPS`, Shapley ones optionally with ``":constant"`` or ``":shuffled"``.
+    n_perm: permutations per image and scale.
+    regions: SLIC ``max_regions``, or several (one per scale; the Shapley maps average them).
+    baseline: ``"reconstruction"``, ``"blur"``, ``"mean"``, ``"zeros"`` or a float (see :class:`MapSettings`).
+    estimator: ``"antithetic"`` or ``"permutation"``.
+    sigma: Gaussian smoothing of the maps, in model pixels.
+    seed: seed of the permutation keys and of the ``:shuffled`` ablation.
+    limit: evaluate a fixed stratified subset of about this many images (:func:`stratified_subset`).
+    cache_dir: folder for the per-image cache; ``None`` caches nothing.
+    figures_dir: when given, writes ``overlays.png`` (image, ground truth, each map) for a sample of images.
+    n_figure_images: images in the overlay figure (spread over the defect types).
+    progress: show a progress bar.
+
+  Returns:
+    A JSON-ready dict: ``settings``, ``n_images``, ``maps`` (name -> ``overall`` and ``per_type`` metrics,
+    ``seconds_per_image``), ``images`` (path, defect type, image score of every map) and ``cached_images``
+    (how many came from the cache).
+  """
+  names = list(dict.fromkeys(maps))
+  for name in names:
+    _parse_map(name)
+  settings = MapSettings(n_perm=int(n_perm), regions=regions, baseline=baseline, estimator=estimator,
+                         sigma=float(sigma), seed=int(seed))
+  attribution._check_options(settings.n_perm, max(settings.regions), sampling.DEFAULT_BATCH_SIZE, estimator)
+  split = _load_split(data_or_split, params)
+  if tuple(split.images.shape[1:]) != tuple(params.config.image_shape):
+    raise ValueError(f"test images have shape {split.images.shape[1:]} but the model expects "
+                     f"{params.config.image_shape}; load the split at the model's size")
+  indices = stratified_subset(split.defect_types, limit)
+  shapley = _needs_shapley(names)
+  cache = None
+  if cache_dir is not None:
+    cache = Path(cache_dir) / _settings_digest(_params_digest(params), settings)
+  key = jax.random.key(settings.seed)
+
+  image_maps = {name: [] for name in names}
+  seconds = {name: [] for name in names}
+  cached = 0
+  iterator = indices
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    iterator = tqdm.tqdm(indices, desc="evaluate", unit="image", dynamic_ncols=True)
+  for index in iterator:
+    index = int(index)
+    path = None
+    if cache is not None:
+      stem = Path(split.paths[index]).stem
+      digest = hashlib.sha256(np.ascontiguousarray(split.images[index]).tobytes()).hexdigest()[:12]
+      path = cache / f"{split.defect_types[index]}_{stem}_{digest}.npz"
+    parts = _load_parts(path, shapley) if path is not None else None
+    if parts is None:
+      parts = image_parts(params, split.images[index], settings=settings, key=jax.random.fold_in(key, index),
+                          shapley=shapley)
+      if path is not None:
+        _save_parts(path, parts)
+    else:
+      cached += 1
+    for name in names:
+      image_maps[name].append(anomaly_map(name, parts, settings=settings, seed=settings.seed + index))
+      cost = float(parts["residual_seconds"])
+      if _parse_map(name)[0] != "residual":
+        cost += float(parts["shapley_seconds"])
+      seconds[name].append(cost)
+
+  types = [split.defect_types[i] for i in indices]
+  labels = np.asarray([t != "good" for t in types], np.int32)
+  masks = [np.asarray(split.original_masks[i], bool) for i in indices]
+  groups = {"overall": np.ones(len(indices), bool)}
+  for t in sorted(set(types) - {"good"}):
+    groups[t] = np.asarray([u in (t, "good") for u in types])
+  results = {}
+  for name in names:
+    full = [_upsample(m, g.shape) for m, g in zip(image_maps[name], masks)]
+    image_scores = np.asarray([float(m.max()) for m in image_maps[name]])
+    per_group = {}
+    for group, member in groups.items():
+      chosen = np.flatnonzero(member)
+      if not any(masks[i].any() for i in chosen):
+        continue
+      per_group[group] = _scores([full[i] for i in chosen], [masks[i] for i in chosen], image_scores[chosen],
+                                 labels[chosen])
+    results[name] = {
+        "overall": per_group.get("overall"),
+        "per_type": {g: s for g, s in per_group.items() if g != "overall"},
+        "seconds_per_image": float(np.mean(seconds[name])) if seconds[name] else 0.0,
+    }
+    del full
+
+  if figures_dir is not None:
+    _save_overlays(split, indices, image_maps, Path(figures_dir) / "overlays.png", n_figure_images)
+  return {
+      "settings": dataclasses.asdict(settings),
+      "model": params.config.to_dict(),
+      "n_images": int(len(indices)),
+      "cached_images": int(cached),
+      "maps": results,
+      "images": [{"path": split.paths[i], "defect_type": split.defect_types[i],
+                  "scores": {name: float(image_maps[name][j].max()) for name in names}}
+                 for j, i in enumerate(indices)],
+  }
+
+
+def _save_overlays(split, indices, image_maps, path: Path, n_images: int) -> None:
+  from shapjax import plots  # pylint: disable=g-import-not-at-top
+  types = [split.defect_types[i] for i in indices]
+  # Round-robin over the defect types (defective first), so the sample shows each kind of defect.
+  by_type = {t: [j for j, u in enumerate(types) if u == t] for t in sorted(set(types), key=lambda t: t == "good")}
+  picked = []
+  while len(picked) < min(n_images, len(indices)):
+    for members in by_type.values():
+      if members and len(picked) < n_images:
+        picked.append(members.pop(0))
+  rows = [int(indices[j]) for j in picked]
+  figure_maps = {name: np.stack([image_maps[name][j] for j in picked]) for name in image_maps}
+  plots.plot_overlay_grid(split.images[rows], figure_maps, masks=split.masks[rows],
+                          row_titles=[f"{split.defect_types[i]}/{Path(split.paths[i]).stem}" for i in rows],
+                          path=path)
+
+
+def format_table(result: dict, *, per_type: bool = True) -> str:
+  """The metrics of :func:`evaluate` as markdown tables (overall, then one per defect type)."""
+
+  def fmt(x):
+    return "-" if x is None else f"{x:.3f}"
+
+  def table(title, rows):
+    lines = [f"**{title}**", "", "| map | image AUROC | pixel AUROC | AUPRO@0.3 | s / image |",
+             "|---|---|---|---|---|"]
+    lines += rows
+    return "\n".join(lines) + "\n"
+
+  maps = result["maps"]
+  out = [table(f"overall ({result['n_images']} images)",
+               [f"| {name} | {fmt(m['overall']['image_auroc'])} | {fmt(m['overall']['pixel_auroc'])} | "
+                f"{fmt(m['overall']['aupro'])} | {m['seconds_per_image']:.2f} |"
+                for name, m in maps.items() if m["overall"]])]
+  if per_type:
+    types = sorted({t for m in maps.values() for t in m["per_type"]})
+    for t in types:
+      out.append(table(t, [f"| {name} | {fmt(m['per_type'][t]['image_auroc'])} | "
+                            f"{fmt(m['per_type'][t]['pixel_auroc'])} | {fmt(m['per_type'][t]['aupro'])} | "
+                            f"{m['seconds_per_image']:.2f} |" for name, m in maps.items() if t in m["per_type"]]))
+  return "\n".join(out)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+  """Writes :func:`evaluate`'s result as indented JSON (creating the folder)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+  return path
+
