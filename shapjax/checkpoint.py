@@ -1,0 +1,275 @@
+"""Checkpoints with orbax: the only module that imports it.
+
+A checkpoint is a folder of orbax items:
+
+    weights/       the linen params (orbax StandardSave)
+    config/        JSON: {"format": "shapjax.autoencoder", "version": 1, "model": AutoencoderConfig.to_dict()}
+    train_state/   (training checkpoints only) optax state and step
+    train_meta/    (training checkpoints only) JSON: training config, PRNG key data, loss history
+
+:func:`save` writes one such folder; the trainer keeps a series of them as numbered step folders
+(``<dir>/<step>/``) through an orbax ``CheckpointManager``. :func:`load` accepts either: a step folder, a
+:func:`save` folder, or a training folder (its latest step). Because the model configuration travels with the
+weights, ``load`` rebuilds params from the path alone: the abstract target comes from ``jax.eval_shape`` of the
+initialiser (no weights are allocated twice), then orbax restores into it.
+
+Every failure to read (a missing folder, a truncated or corrupt file, a checkpoint of something else) is a
+``FileNotFoundError`` or ``ValueError`` that names the path, never an orbax traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from shapjax import model
+
+FORMAT = "shapjax.autoencoder"
+FORMAT_VERSION = 1
+
+_WEIGHTS = "weights"
+_CONFIG = "config"
+_TRAIN_STATE = "train_state"
+_TRAIN_META = "train_meta"
+
+# orbax logs every save and restore at INFO/WARNING through absl; a CLI user wants none of it.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _config_record(config: model.AutoencoderConfig) -> dict:
+  return {"format": FORMAT, "version": FORMAT_VERSION, "model": config.to_dict()}
+
+
+def _config_from_record(record, path: Path) -> model.AutoencoderConfig:
+  if not isinstance(record, dict) or record.get("format") != FORMAT:
+    raise ValueError(f"{path} is not a shapjax checkpoint (its config item has no format {FORMAT!r})")
+  if int(record.get("version", -1)) > FORMAT_VERSION:
+    raise ValueError(f"{path} was written by a newer shapjax (checkpoint format version {record['version']})")
+  try:
+    return model.AutoencoderConfig.from_dict(record["model"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise ValueError(f"{path} has an invalid model config: {error}") from None
+
+
+def abstract_weights(config: model.AutoencoderConfig):
+  """The shapes and dtypes of the weights of ``config`` (``jax.ShapeDtypeStruct`` leaves, nothing allocated)."""
+  return jax.eval_shape(lambda: model.init_autoencoder(config=config, key=jax.random.key(0)).weights)
+
+
+def _short(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _is_item_folder(path: Path) -> bool:
+  return (path / _CONFIG).is_dir() and (path / _WEIGHTS).is_dir()
+
+
+def _steps(path: Path) -> list[int]:
+  return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and _is_item_folder(p))
+
+
+def resolve(path: str | os.PathLike) -> Path:
+  """The folder holding a checkpoint's items: ``path`` itself, or the latest step folder inside it.
+
+  Raises:
+    FileNotFoundError: when ``path`` does not exist.
+    ValueError: when it holds no checkpoint.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no checkpoint at {path}: the path does not exist")
+  if not path.is_dir():
+    raise ValueError(f"{path} is not a checkpoint folder (it is a file)")
+  if _is_item_folder(path):
+    return path
+  steps = _steps(path)
+  if not steps:
+    raise ValueError(f"no shapjax checkpoint in {path} (expected {_WEIGHTS}/ and {_CONFIG}/ items, or numbered "
+                     "step folders holding them)")
+  return path / str(steps[-1])
+
+
+def _restore(path: Path, **items):
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(path, args=ocp.args.Composite(**items))
+  except Exception as error:  # orbax/tensorstore raise many types; the user needs the path and the reason
+    raise ValueError(f"cannot read checkpoint {path} (truncated, corrupt or not written by shapjax): "
+                     f"{_short(error)}") from None
+
+
+def read_config(path: str | os.PathLike) -> model.AutoencoderConfig:
+  """The model configuration stored in a checkpoint, without reading the weights."""
+  folder = resolve(path)
+  record = _restore(folder, **{_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
+  return _config_from_record(record, folder)
+
+
+def _restore_weights(folder: Path, config: model.AutoencoderConfig):
+  target = abstract_weights(config)
+  weights = _restore(folder, **{_WEIGHTS: ocp.args.StandardRestore(target)})[_WEIGHTS]
+  _check_like(weights, target, folder, "weights")
+  return weights
+
+
+def _check_like(tree, target, path: Path, what: str) -> None:
+  got = [(tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+  want = [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(target)]
+  if jax.tree.structure(tree) != jax.tree.structure(target) or got != want:
+    raise ValueError(f"checkpoint {path}: the stored {what} do not match the stored model config")
+
+
+def load(path: str | os.PathLike) -> model.AutoencoderParams:
+  """Loads autoencoder params written by :func:`save` or by :func:`shapjax.train`.
+
+  Args:
+    path: a :func:`save` folder, a training checkpoint folder (its latest step is loaded) or one step folder.
+
+  Returns:
+    :class:`shapjax.AutoencoderParams` ready for :func:`shapjax.attribute`.
+
+  Raises:
+    FileNotFoundError: when ``path`` does not exist.
+    ValueError: naming the path, when it holds no readable shapjax checkpoint.
+
+  Example:
+    >>> import jax, tempfile, shapjax
+    >>> params = shapjax.init_autoencoder((16, 16, 1), key=jax.random.key(0), features=(4,))
+    >>> path = shapjax.save(params, tempfile.mkdtemp() + "/ae")
+    >>> shapjax.load(path).config == params.config
+    True
+  """
+  folder = resolve(path)
+  config = read_config(folder)
+  return model.AutoencoderParams(weights=_restore_weights(folder, config), config=config)
+
+
+def save(params: model.AutoencoderParams, path: str | os.PathLike) -> Path:
+  """Saves autoencoder params (weights and model configuration) to a folder.
+
+  The checkpoint is written to a temporary sibling folder and moved into place only once complete, so a
+  failed save never destroys an existing checkpoint at ``path``. An existing folder is replaced only if it is
+  a shapjax checkpoint.
+
+  Args:
+    params: :class:`shapjax.AutoencoderParams`.
+    path: folder to write.
+
+  Returns:
+    ``path`` as a :class:`pathlib.Path`.
+
+  Raises:
+    ValueError: when ``path`` exists and is not a shapjax checkpoint.
+  """
+  model._check_params(params)
+  path = Path(path).absolute()
+  if path.exists() and not (path.is_dir() and _is_item_folder(path)):
+    if not (path.is_dir() and not any(path.iterdir())):
+      raise ValueError(f"refusing to overwrite {path}: it exists and is not a shapjax checkpoint")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  for leaf in jax.tree.leaves(params.weights):
+    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) or not np.issubdtype(np.dtype(leaf.dtype), np.number):
+      raise ValueError(f"cannot save to {path}: the weights hold {getattr(leaf, 'dtype', type(leaf).__name__)!s} "
+                       "leaves, not numeric arrays")
+  tag = uuid.uuid4().hex[:8]
+  # orbax writes into a private folder of ours, so whatever it leaves on failure goes with that folder.
+  staging = path.parent / f".{path.name}.saving-{tag}"
+  try:
+    staging.mkdir()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(staging / "checkpoint", args=ocp.args.Composite(**{
+          _WEIGHTS: ocp.args.StandardSave(params.weights),
+          _CONFIG: ocp.args.JsonSave(_config_record(params.config)),
+      }))
+    old = path.parent / f".{path.name}.old-{tag}"
+    if path.exists():
+      os.replace(path, old)
+    os.replace(staging / "checkpoint", path)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    _remove(staging)
+  return path
+
+
+def _remove(folder: Path) -> None:
+  # After a failed save, orbax's writer threads may still be finishing a file or two: retry briefly.
+  for delay in (0.0, 0.05, 0.2, 0.5, 1.0):
+    time.sleep(delay)
+    shutil.rmtree(folder, ignore_errors=True)
+    if not folder.exists():
+      return
+
+
+class TrainingCheckpoints:
+  """A series of training checkpoints (weights, optimizer state, step) in numbered step folders.
+
+  The trainer's interface to orbax's ``CheckpointManager``: saves are synchronous (a resumed run must find
+  what the previous one wrote), the last ``keep`` steps are kept, and every step folder is also a checkpoint
+  that :func:`load` reads.
+
+  Args:
+    directory: the training folder (created).
+    keep: how many of the latest steps to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int):
+    self.directory = Path(directory).absolute()
+    if self.directory.exists() and not self.directory.is_dir():
+      raise ValueError(f"checkpoint folder {self.directory} is a file")
+    options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as error:
+      raise ValueError(f"cannot use {self.directory} as a checkpoint folder: {_short(error)}") from None
+
+  def latest_step(self) -> int | None:
+    """The last completed step saved here, or None."""
+    steps = _steps(self.directory) if self.directory.is_dir() else []
+    return steps[-1] if steps else None
+
+  def save(self, step: int, params: model.AutoencoderParams, opt_state, meta: dict) -> None:
+    """Saves the state after ``step`` optimizer steps (replacing a checkpoint of the same step)."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
+    self._manager.save(int(step), args=ocp.args.Composite(**{
+        _WEIGHTS: ocp.args.StandardSave(params.weights),
+        _CONFIG: ocp.args.JsonSave(_config_record(params.config)),
+        _TRAIN_STATE: ocp.args.StandardSave({"opt_state": opt_state, "step": np.int32(step)}),
+        _TRAIN_META: ocp.args.JsonSave(meta),
+    }), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, config: model.AutoencoderConfig, abstract_opt_state):
+    """Restores ``(params, opt_state, meta)`` of ``step``; the stored model config must equal ``config``."""
+    folder = self.directory / str(step)
+    stored = read_config(folder)
+    if stored != config:
+      raise ValueError(f"cannot resume from {folder}: it holds a model {stored} but the run asks for {config}")
+    weights = _restore_weights(folder, config)
+    target = {"opt_state": abstract_opt_state, "step": jax.ShapeDtypeStruct((), np.int32)}
+    restored = _restore(folder, **{_TRAIN_STATE: ocp.args.StandardRestore(target),
+                                   _TRAIN_META: ocp.args.JsonRestore()})
+    state = restored[_TRAIN_STATE]
+    leaves = jax.tree.leaves(state["opt_state"])
+    target_leaves = jax.tree.leaves(abstract_opt_state)
+    if len(leaves) != len(target_leaves) or any(
+        tuple(np.shape(a)) != tuple(b.shape) for a, b in zip(leaves, target_leaves)):
+      raise ValueError(f"cannot resume from {folder}: its optimizer state does not match this run's optimizer")
+    # orbax gives back plain tuples for optax's named tuples: rebuild the optimizer's own tree structure.
+    opt_state = jax.tree.unflatten(jax.tree.structure(abstract_opt_state), leaves)
+    if int(state["step"]) != int(step):
+      raise ValueError(f"checkpoint {folder} says step {int(state['step'])}, its folder says {step}")
+    params = model.AutoencoderParams(weights=weights, config=config)
+    return params, opt_state, restored[_TRAIN_META]
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,231 @@
+"""The ``shapjax`` command: argument parsing only; every command is a library call.
+
+    shapjax train DATA_DIR --out CKPT_DIR [--steps N] [--image-size H [W]] [--seed K] [--resume]
+    shapjax explain IMAGE... --checkpoint CKPT_DIR [--n-perm N] [--regions R] --out OUT_DIR
+    shapjax demo [--out DIR] [--quick]
+
+Exit codes: 0 success, 2 usage error (from argparse), 1 any other failure, reported as one line
+``shapjax: error: ...`` on stderr without a traceback (set ``SHAPJAX_TRACEBACK=1`` to see it).
+
+Adding a command: write ``_add_<name>(subparsers)`` that builds its parser and sets ``handler`` to a
+function ``(args) -> int``, and append it to ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+_PROG = "shapjax"
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+  return value
+
+
+def _features(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated channel counts like 32,64,96, got {text!r}") from None
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+  return values
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+
+def _add_train(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "train", help="train an autoencoder on DATA_DIR/train/good",
+      description="Train the convolutional autoencoder on the defect-free images of an MVTec-layout dataset "
+      "(DATA_DIR/train/good). Saves orbax checkpoints in CKPT_DIR every --checkpoint-every steps and at the end, "
+      "and a loss curve CKPT_DIR/loss.png. Interrupted? Run the same command with --resume.")
+  parser.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder in the MVTec AD layout")
+  parser.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint folder (created)")
+  parser.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="optimizer steps (default 1000)")
+  parser.add_argument("--image-size", type=_positive_int, nargs="+", default=[128], metavar="H [W]",
+                      help="resize images to H x W (one number: square; default 128). Give both for non-square "
+                      "images, e.g. --image-size 320 128 for kolektor_sdd's tall 640 x 250 images")
+  parser.add_argument("--seed", type=int, default=0, metavar="K", help="PRNG seed (default 0)")
+  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in CKPT_DIR")
+  parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="images per step (default 32)")
+  parser.add_argument("--learning-rate", type=_positive_float, default=2e-3, metavar="LR",
+                      help="peak Adam learning rate (default 2e-3; warm-up then cosine decay)")
+  parser.add_argument("--features", type=_features, default=None, metavar="C1,C2,...",
+                      help="encoder channels per stride-2 layer (default 32,64,96,128)")
+  parser.add_argument("--latent-features", type=_positive_int, default=None, metavar="C",
+                      help="bottleneck channels (default 32)")
+  parser.add_argument("--no-flips", action="store_true", help="do not flip training images at random")
+  parser.add_argument("--max-shift", type=int, default=4, metavar="P", help="random shifts of up to P pixels "
+                      "(default 4; 0 turns them off)")
+  parser.add_argument("--checkpoint-every", type=_positive_int, default=250, metavar="N",
+                      help="save every N steps (default 250)")
+  parser.add_argument("--keep", type=_positive_int, default=3, metavar="K",
+                      help="keep the last K checkpoints (default 3)")
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> int:
+  import jax  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  import shapjax  # pylint: disable=g-import-not-at-top
+
+  if len(args.image_size) > 2:
+    raise _UsageError("--image-size takes one or two numbers (H [W])")
+  size = tuple(args.image_size) * (2 if len(args.image_size) == 1 else 1)
+  print(f"reading {args.data_dir}/train/good ...", file=sys.stderr, flush=True)
+  split = shapjax.load_mvtec(args.data_dir, split="train", image_size=size)
+  options = {}
+  if args.features is not None:
+    options["features"] = args.features
+  if args.latent_features is not None:
+    options["latent_features"] = args.latent_features
+  model_config = shapjax.AutoencoderConfig(image_shape=split.images.shape[1:], **options)
+  config = shapjax.TrainConfig(
+      model=model_config, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+      warmup_steps=min(100, args.steps // 10), flips=not args.no_flips, max_shift=args.max_shift,
+      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, seed=args.seed)
+  print(f"{len(split)} images of {split.images.shape[1:]}; model {model_config}", file=sys.stderr, flush=True)
+  shapjax.train(config, split.images, key=jax.random.key(args.seed), checkpoint_dir=Path(args.out).absolute(),
+                resume=args.resume, progress=not args.quiet)
+  print(f"checkpoint: {Path(args.out)}  (loss curve: {Path(args.out) / 'loss.png'})")
+  return 0
+
+
+# --- explain ----------------------------------------------------------------------------------------------------
+
+def _add_explain(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "explain", help="Shapley values of superpixels for image files",
+      description="For each IMAGE: resize it to the model's input size, split it into SLIC superpixels, estimate "
+      "each region's Shapley value for the autoencoder's reconstruction loss, and write OUT_DIR/<name>.png (image, "
+      "superpixels, heat map, top regions outlined) and OUT_DIR/<name>.json (per-region values and standard "
+      "errors). Images inside an MVTec layout get their ground truth outlined.")
+  parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP or TIFF files")
+  parser.add_argument("--checkpoint", required=True, metavar="CKPT_DIR",
+                      help="a checkpoint folder from 'shapjax train' (its latest step) or shapjax.save")
+  parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created)")
+  parser.add_argument("--n-perm", type=_positive_int, default=64, metavar="N",
+                      help="sampled permutations per image (even; default 64)")
+  parser.add_argument("--regions", type=_positive_int, default=64, metavar="R",
+                      help="at most R superpixels (SLIC aims at R; default 64)")
+  parser.add_argument("--baseline", choices=("blur", "mean", "zeros"), default="blur",
+                      help="what absent regions are replaced with (default blur)")
+  parser.add_argument("--top", type=_positive_int, default=3, metavar="K", help="regions outlined (default 3)")
+  parser.add_argument("--seed", type=int, default=0, metavar="K", help="PRNG seed (default 0)")
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.set_defaults(handler=_run_explain)
+
+
+def _run_explain(args) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import shapjax  # pylint: disable=g-import-not-at-top
+  from shapjax import pipeline  # pylint: disable=g-import-not-at-top
+
+  if args.n_perm % 2:
+    raise _UsageError(f"--n-perm must be even (antithetic pairs), got {args.n_perm}")
+  params = shapjax.load(args.checkpoint)
+  records = pipeline.explain_files(args.images, params=params, out_dir=args.out, n_perm=args.n_perm,
+                                   max_regions=args.regions, key=jax.random.key(args.seed), baseline=args.baseline,
+                                   top_k=args.top, progress=not args.quiet)
+  for record in records:
+    top = record["regions"][record["regions_by_value"][0]]
+    print(f"{record['image']}: top region {top['id']} value {top['value']:+.3e} ± {top['stderr']:.1e} "
+          f"-> {record['figure']}")
+  print(f"wrote {len(records)} figures and JSON files to {args.out}")
+  return 0
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+
+def _add_demo(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "demo", help="the whole job on generated data (no downloads)",
+      description="Build a small defect dataset from a texture scikit-image ships (crops with painted scratches "
+      "and blobs whose masks are known), train an autoencoder, explain a few defective images, and write the "
+      "figures and a metrics summary. A few minutes on 2 CPU cores; --quick takes seconds.")
+  parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
+  parser.add_argument("--quick", action="store_true", help="tiny images, model and sample (for tests)")
+  parser.add_argument("--seed", type=int, default=0, metavar="K", help="PRNG seed (default 0)")
+  parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args) -> int:
+  from shapjax import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = pipeline.DemoConfig.quick() if args.quick else pipeline.DemoConfig()
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+  summary = pipeline.run_demo(args.out, config=config, seed=args.seed, progress=not args.quiet, log=log)
+  print((Path(args.out) / "summary.md").read_text())
+  print(f"demo output in {Path(args.out).absolute()}: overview.png, explanations/, checkpoint/loss.png, "
+        f"summary.json ({summary['total_seconds']} s)")
+  return 0
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+_COMMANDS = (_add_train, _add_explain, _add_demo)
+
+
+class _UsageError(Exception):
+  """A usage problem found after parsing (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The ``shapjax`` argument parser with every subcommand registered."""
+  parser = argparse.ArgumentParser(
+      prog=_PROG, description="Where is an image anomalous? Shapley values of superpixels for an autoencoder's "
+      "reconstruction loss, in JAX.")
+  from shapjax import __version__  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for add in _COMMANDS:
+    add(subparsers)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the ``shapjax`` command line; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+  parser = build_parser()
+  args = parser.parse_args(argv)  # exits with 2 on usage errors
+  try:
+    return int(args.handler(args) or 0)
+  except _UsageError as error:
+    parser.print_usage(sys.stderr)
+    print(f"{_PROG} {args.command}: error: {error}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{_PROG}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as error:  # one line for the user; the traceback on request
+    if os.environ.get("SHAPJAX_TRACEBACK"):
+      raise
+    message = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, FileNotFoundError, OSError, TypeError)):
+      message = f"{type(error).__name__}: {message}"
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,318 @@
+"""Training the autoencoder on defect-free images: optax Adam with a warm-up + cosine schedule.
+
+One linear loop. The training step is a plain ``jit``-compiled function of pytrees ``(weights, opt_state,
+images, key, step)``; the whole image set lives on the device and each step draws its batch (and its flips
+and shifts) from ``fold_in(key, step)``. A run is therefore a pure function of ``(config, images, key)``, and
+resuming from the checkpoint of step ``k`` replays steps ``k, k+1, ...`` exactly as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from shapjax import checkpoint, model
+
+_SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to train the autoencoder (frozen and hashable).
+
+  Attributes:
+    model: the :class:`shapjax.AutoencoderConfig`; ``None`` builds the default architecture for the images'
+      shape.
+    steps: optimizer steps in total.
+    batch_size: images per step, drawn with replacement.
+    learning_rate: peak Adam learning rate.
+    warmup_steps: linear warm-up from 0 to the peak.
+    schedule: ``"cosine"`` (decay to ``end_learning_rate_fraction`` of the peak at ``steps``) or ``"constant"``.
+    end_learning_rate_fraction: final learning rate of the cosine schedule, as a fraction of the peak.
+    flips: random horizontal and vertical flips (right for textures and most surfaces; not for oriented objects).
+    max_shift: random shifts of up to this many pixels in each direction (reflected borders); 0 turns it off.
+    checkpoint_every: save every this many steps (and always at the end) when a checkpoint folder is given.
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    seed: seed of the default PRNG key, used when :func:`train` gets no ``key``.
+  """
+
+  model: model.AutoencoderConfig | None = None
+  steps: int = 2000
+  batch_size: int = 32
+  learning_rate: float = 2e-3
+  warmup_steps: int = 100
+  schedule: str = "cosine"
+  end_learning_rate_fraction: float = 0.05
+  flips: bool = True
+  max_shift: int = 4
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.steps < 1 or self.batch_size < 1:
+      raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+    if self.warmup_steps < 0 or self.max_shift < 0:
+      raise ValueError("warmup_steps and max_shift must be >= 0")
+    if self.schedule not in _SCHEDULES:
+      raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+    if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+      raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
+
+  @classmethod
+  def tiny(cls, image_shape: tuple[int, int, int] = (32, 32, 1), **overrides) -> "TrainConfig":
+    """A few steps of a very small model: for tests and smoke runs (seconds on a CPU)."""
+    options = dict(model=model.AutoencoderConfig.tiny(tuple(image_shape)), steps=20, batch_size=8,
+                   learning_rate=5e-3, warmup_steps=2, max_shift=2, checkpoint_every=10, keep_checkpoints=2)
+    options.update(overrides)
+    return cls(**options)
+
+  def with_model(self, image_shape: tuple[int, int, int]) -> "TrainConfig":
+    """This config with ``model`` filled in (the default architecture) for images of ``image_shape``."""
+    if self.model is not None:
+      return self
+    return dataclasses.replace(self, model=model.AutoencoderConfig(image_shape=tuple(image_shape)))
+
+  def to_dict(self) -> dict:
+    """A JSON-ready dict (``from_dict`` inverts it)."""
+    data = dataclasses.asdict(self)
+    data["model"] = None if self.model is None else self.model.to_dict()
+    return data
+
+  @classmethod
+  def from_dict(cls, data: dict) -> "TrainConfig":
+    data = dict(data)
+    if data.get("model") is not None:
+      data["model"] = model.AutoencoderConfig.from_dict(data["model"])
+    return cls(**data)
+
+
+def learning_rates(config: TrainConfig) -> np.ndarray:
+  """The learning rate of each step, ``f32[steps]``: linear warm-up from 0, then cosine decay or constant.
+
+  The same curve as ``optax.warmup_cosine_decay_schedule(0, lr, warmup, steps, lr * end_fraction)``, computed
+  on the host: the rate enters the compiled step as an argument, so runs that differ only in their schedule
+  (steps, learning rate, warm-up) share one compiled step.
+  """
+  steps = np.arange(config.steps, dtype=np.float64)
+  peak = config.learning_rate
+  warmup = min(config.warmup_steps, config.steps - 1)
+  if config.schedule == "constant":
+    after = np.full_like(steps, peak)
+  else:
+    end = peak * config.end_learning_rate_fraction
+    progress = np.clip((steps - warmup) / max(config.steps - warmup, 1), 0.0, 1.0)
+    after = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * progress))
+  rates = np.where(steps < warmup, peak * steps / max(warmup, 1), after)
+  return rates.astype(np.float32)
+
+
+def _optimizer() -> optax.GradientTransformation:
+  """Adam's moment estimates; the step multiplies them by ``-learning_rate`` (Adam = this + a schedule)."""
+  return optax.scale_by_adam()
+
+
+def augment(images: jax.Array, key: jax.Array, *, flips: bool, max_shift: int) -> jax.Array:
+  """Random flips and shifts of a batch, each image its own.
+
+  Args:
+    images: ``f32[B, H, W, C]``.
+    key: PRNG key.
+    flips: flip each image left-right and up-down with probability 1/2 each.
+    max_shift: shift by up to this many pixels in each direction, with reflected borders.
+
+  Returns:
+    ``f32[B, H, W, C]``.
+  """
+  batch, height, width, _ = images.shape
+  flip_key, shift_key = jax.random.split(key)
+  if flips:
+    lr, ud = jax.random.bernoulli(flip_key, 0.5, (2, batch))
+    images = jnp.where(lr[:, None, None, None], images[:, :, ::-1], images)
+    images = jnp.where(ud[:, None, None, None], images[:, ::-1], images)
+  if max_shift > 0:
+    shift = min(max_shift, height - 1, width - 1)
+    padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
+    offsets = jax.random.randint(shift_key, (batch, 2), 0, 2 * shift + 1)
+
+    def crop(image, offset):
+      return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+
+    images = jax.vmap(crop)(padded, offsets)
+  return images
+
+
+def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_config, batch_size, flips,
+                max_shift):
+  """One Adam step on the batch that ``fold_in(key, step)`` draws. Returns (weights, opt_state, loss)."""
+  batch_key, augment_key = jax.random.split(jax.random.fold_in(key, step))
+  index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
+  batch = augment(images[index], augment_key, flips=flips, max_shift=max_shift)
+
+  def loss_fn(w):
+    params = model.AutoencoderParams(weights=w, config=model_config)
+    return jnp.mean(model.reconstruction_loss(params, batch))
+
+  loss, grads = jax.value_and_grad(loss_fn)(weights)
+  updates, opt_state = _optimizer().update(grads, opt_state, weights)
+  weights = jax.tree.map(lambda w, u: w - learning_rate * u, weights, updates)
+  return weights, opt_state, loss
+
+
+@functools.lru_cache(maxsize=8)
+def _step_function(model_config: model.AutoencoderConfig, batch_size: int, flips: bool, max_shift: int):
+  """The jitted step, cached: repeated, resumed and re-scheduled runs compile it once per image shape."""
+  return jax.jit(functools.partial(_train_step, model_config=model_config, batch_size=batch_size, flips=flips,
+                                   max_shift=max_shift))
+
+
+def _as_images(images: ArrayLike) -> np.ndarray:
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must have shape [N, H, W, C], got shape {images.shape}")
+  if images.shape[0] < 1:
+    raise ValueError("images is empty")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  if not np.issubdtype(images.dtype, np.floating):
+    raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
+  images = images.astype(np.float32)
+  if not np.all(np.isfinite(images)):
+    raise ValueError("images contain NaN or inf")
+  return images
+
+
+def _key_record(key: jax.Array) -> list:
+  return np.asarray(jax.random.key_data(key)).ravel().tolist()
+
+
+def train(
+    config: TrainConfig,
+    images: ArrayLike,
+    *,
+    key: jax.Array | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> model.AutoencoderParams:
+  """Trains an autoencoder to reconstruct defect-free images.
+
+  Minimises the mean squared reconstruction error with Adam and :func:`learning_rates`. Step ``t`` draws its
+  batch and augmentation from ``fold_in(key, t)``, so the same ``config``, ``images`` and ``key`` give the
+  same params, and ``resume=True`` after an interruption gives the params of an uninterrupted run.
+
+  With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and at the end (the last
+  ``config.keep_checkpoints`` are kept); each is a checkpoint :func:`shapjax.load` reads. A loss curve is
+  written to ``checkpoint_dir/loss.png`` (and the per-step losses to ``loss.json``) at the end.
+
+  Args:
+    config: :class:`TrainConfig`.
+    images: ``f32[N, H, W, C]`` in ``[0, 1]`` (or uint8), defect-free only. They are kept on the device.
+    key: PRNG key for the initial weights and the batches; defaults to ``jax.random.key(config.seed)``.
+    checkpoint_dir: folder for checkpoints and the loss curve; ``None`` saves nothing.
+    resume: continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when there is none).
+    progress: show a progress bar with the loss.
+
+  Returns:
+    :class:`shapjax.AutoencoderParams` after ``config.steps`` steps.
+
+  Raises:
+    ValueError: for images that do not fit the model, a ``checkpoint_dir`` that already holds checkpoints
+      when ``resume`` is False, or a checkpoint that does not match this run.
+
+  Example:
+    >>> import jax, numpy as np, shapjax
+    >>> images = np.random.default_rng(0).random((16, 32, 32, 1), dtype=np.float32)
+    >>> config = shapjax.TrainConfig.tiny((32, 32, 1), steps=3)
+    >>> params = shapjax.train(config, images, key=jax.random.key(0), progress=False)
+    >>> params.config.image_shape
+    (32, 32, 1)
+  """
+  images = _as_images(images)
+  config = config.with_model(images.shape[1:])
+  if tuple(images.shape[1:]) != tuple(config.model.image_shape):
+    raise ValueError(f"images have shape {images.shape[1:]} but the model is built for {config.model.image_shape}")
+  key = jax.random.key(config.seed) if key is None else key
+  init_key, data_key = jax.random.split(key)
+
+  manager = None
+  params, opt_state, start, losses = None, None, 0, []
+  if checkpoint_dir is not None:
+    manager = checkpoint.TrainingCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None and not resume:
+      raise ValueError(f"{checkpoint_dir} already holds checkpoints (latest step {latest}); resume from them "
+                       "or choose an empty folder")
+    if latest is not None:
+      abstract_opt_state = jax.eval_shape(_optimizer().init, checkpoint.abstract_weights(config.model))
+      params, opt_state, meta = manager.restore(latest, config.model, abstract_opt_state)
+      if meta.get("key") != _key_record(key):
+        raise ValueError(f"cannot resume from {manager.directory / str(latest)}: it was trained with another "
+                         "PRNG key (seed); pass the same key to resume")
+      start, losses = latest, list(meta.get("losses", []))[:latest]
+  if params is None:
+    params = model.init_autoencoder(config=config.model, key=init_key)
+    opt_state = _optimizer().init(params.weights)
+
+  step_fn = _step_function(config.model, config.batch_size, config.flips, config.max_shift)
+  rates = learning_rates(config)
+  device_images = jnp.asarray(images)
+  weights = params.weights
+
+  def save(step):
+    meta = {"train_config": config.to_dict(), "key": _key_record(key), "losses": losses[:step],
+            "n_images": int(images.shape[0])}
+    manager.save(step, model.AutoencoderParams(weights=weights, config=config.model), opt_state, meta)
+
+  bar = _progress_bar(config.steps, start, enabled=progress)
+  pending = []  # losses still on the device: reading each one at once would stall the pipeline
+  started = time.perf_counter()
+  try:
+    for step in range(start, config.steps):
+      weights, opt_state, loss = step_fn(weights, opt_state, device_images, data_key, step, rates[step])
+      pending.append(loss)
+      done = step + 1
+      if manager is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+        losses.extend(float(x) for x in pending)
+        pending.clear()
+        save(done)
+      if len(pending) >= 10 or done == config.steps:
+        losses.extend(float(x) for x in pending)
+        pending.clear()
+      if bar is not None:
+        bar.update(1)
+        if losses and (done % 10 == 0 or done == config.steps):
+          bar.set_postfix(loss=f"{losses[-1]:.4g}")
+  finally:
+    if bar is not None:
+      bar.close()
+    if manager is not None:
+      manager.close()
+  jax.block_until_ready(weights)
+  if checkpoint_dir is not None and losses:
+    from shapjax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only when a figure is asked for)
+    folder = Path(checkpoint_dir)
+    (folder / "loss.json").write_text(json.dumps({"loss": losses}))
+    plots.plot_loss_curve(losses, folder / "loss.png",
+                          title=f"training loss ({config.steps} steps, {time.perf_counter() - started:.0f} s "
+                          "this session)")
+  return model.AutoencoderParams(weights=weights, config=config.model)
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
