@@ -8,7 +8,8 @@ percent over minutes: only ratios from one run mean anything), the first call of
 its compile/warm-up time and the median of the other rounds as its steady-state time, always after
 ``block_until_ready`` (JAX) or on finished tensors (PyTorch). Sections:
 
-* ceiling: the fastest float32 matrix product of numpy, JAX and PyTorch in this run (GFLOP/s);
+* ceiling: the fastest float32 matrix product of numpy, JAX and PyTorch, timed as extra methods inside the
+  rounds of every section, so the share of the ceiling compares like with like on a drifting machine;
 * forward: one autoencoder batch, JAX jit vs PyTorch eager vs torch.compile;
 * attribution: (a) ``shapjax.attribute``, (b) the hand-batched PyTorch permutation sampler, eager and with a
   torch.compile'd model, (c) captum ShapleyValueSampling (eager and torch.compile) at several
@@ -187,8 +188,8 @@ def _torch_sync(fn, device):
 # ----------------------------------------------------------------------------------------------------------
 # Sections.
 
-def matmul_ceiling(size: int, repeats: int) -> dict:
-  """Best float32 GFLOP/s of a size x size matrix product in numpy, JAX and PyTorch."""
+def matmul_methods(size: int) -> list:
+  """float32 size x size matrix products in numpy, JAX and PyTorch, as methods to interleave with others."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -201,16 +202,19 @@ def matmul_ceiling(size: int, repeats: int) -> dict:
   ja, jb = jnp.asarray(a), jnp.asarray(b)
   jmm = jax.jit(jnp.matmul)
   ta, tb = torch.as_tensor(a, device=device), torch.as_tensor(b, device=device)
-  methods = [
-      _Method("numpy", lambda: a @ b, n_evals=1, kind="matmul"),
-      _Method("jax", _jax_sync(lambda: jmm(ja, jb)), n_evals=1, kind="matmul"),
-      _Method("torch", _torch_sync(lambda: ta @ tb, device), n_evals=1, kind="matmul"),
-  ]
-  _interleave(methods, repeats)
   flops = 2.0 * size ** 3
-  result = {m.name: flops / min(m.times) / 1e9 for m in methods}
+  return [
+      _Method("matmul numpy", lambda: a @ b, n_evals=flops, kind="matmul"),
+      _Method("matmul jax", _jax_sync(lambda: jmm(ja, jb)), n_evals=flops, kind="matmul"),
+      _Method("matmul torch", _torch_sync(lambda: ta @ tb, device), n_evals=flops, kind="matmul"),
+  ]
+
+
+def ceiling_of(methods) -> dict:
+  """GFLOP/s of each matrix product (its fastest round) and the best of them: the ceiling."""
+  # Median rounds, like the methods it is compared with.
+  result = {m.name.split()[-1]: m.n_evals / m.steady / 1e9 for m in methods if m.kind == "matmul"}
   result["ceiling"] = max(result.values())
-  result["size"] = size
   return result
 
 
@@ -242,7 +246,7 @@ def model_flops(config) -> float:
   return flops
 
 
-def forward_section(params, module, compiled, image, batch, rounds, device) -> list:
+def forward_section(args, params, module, compiled, image, batch, rounds, device) -> list:
   import jax
   import jax.numpy as jnp
   import torch
@@ -264,7 +268,7 @@ def forward_section(params, module, compiled, image, batch, rounds, device) -> l
       _Method("jax jit", _jax_sync(lambda: loss(params, images)), n_evals=batch, kind="forward"),
       _Method("torch eager", torch_loss(module), n_evals=batch, kind="forward"),
       _Method("torch.compile", torch_loss(compiled), n_evals=batch, kind="forward"),
-  ]
+  ] + matmul_methods(args.matmul_size)
   _interleave(methods, rounds)
   return methods
 
@@ -303,19 +307,6 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
     return torch_reference.captum_shapley(loss_of(net), t_image, t_labels, t_baseline, n_perm,
                                           perturbations_per_eval=ppe, orders=given)
 
-  # Agreement on the same permutations (also the first, compiling call of shapjax).
-  reference = np.asarray(run_shapjax().values)
-  scale = float(np.abs(reference).max())
-  agreement = {}
-  for name, values in [
-      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
-      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
-      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
-  ]:
-    values = values.detach().cpu().numpy()
-    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
-  agreement["max_abs_value"] = scale
-
   n_evals_shapjax = n_perm * (n_regions - 1) + 2
   n_evals_captum = 1 + n_perm * n_regions
   methods = [_Method("shapjax attribute", _jax_sync(run_shapjax), n_evals=n_evals_shapjax, kind="attribution")]
@@ -332,7 +323,22 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
     methods.append(_Method(f"captum compile (ppe {ppe})",
                            _torch_sync(lambda ppe=ppe: run_captum(compiled, ppe), device),
                            n_evals=n_evals_captum, kind="attribution"))
+  methods += matmul_methods(args.matmul_size)
   _interleave(methods, args.rounds)
+
+  # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
+  reference = np.asarray(run_shapjax().values)
+  scale = float(np.abs(reference).max())
+  agreement = {}
+  for name, values in [
+      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
+      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
+      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
+  ]:
+    values = values.detach().cpu().numpy()
+    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
+  agreement["max_abs_value"] = scale
+
   return methods, agreement
 
 
@@ -396,7 +402,7 @@ def train_section(args, params, image, device) -> list:
       _Method("optax (jax jit)", jax_steps, n_evals=args.train_steps, kind="train"),
       _Method("torch eager", _torch_sync(torch_stepper(False), device), n_evals=args.train_steps, kind="train"),
       _Method("torch.compile", _torch_sync(torch_stepper(True), device), n_evals=args.train_steps, kind="train"),
-  ]
+  ] + matmul_methods(args.matmul_size)
   _interleave(methods, args.rounds)
   return methods
 
@@ -441,14 +447,17 @@ def _table(header, rows) -> str:
   return "\n".join(lines)
 
 
-def _rate_rows(methods, reference, flops, ceiling, unit):
+def _rate_rows(methods, reference, flops, unit):
+  """Table rows and JSON records; the share of the ceiling uses matrix products timed in the same rounds."""
+  ceiling = ceiling_of(methods)["ceiling"]
+  methods = [m for m in methods if m.kind != "matmul"]
   rows, records = [], []
   reference_rate = reference.n_evals / reference.steady
   for m in methods:
     rate = m.n_evals / m.steady
     record = {"method": m.name, "compile_or_first_s": m.first, "steady_s": m.steady, "rounds": m.times,
               f"{unit}_per_s": rate, "jax_speedup": reference_rate / rate}
-    row = [m.name, f"{m.first:.2f}", f"{m.steady:.3f}", f"{rate:.1f}", f"{reference_rate / rate:.2f}x"]
+    row = [m.name, f"{m.first:.2f}", f"{m.steady:.3f}", f"{rate:.3g}", f"{reference_rate / rate:.2f}x"]
     if flops:
       gflops = rate * flops / 1e9
       record["useful_gflops"] = gflops
@@ -467,8 +476,10 @@ def main(argv=None) -> None:
   parser.add_argument("--n-perm", type=int, default=None, help="permutations per attribution")
   parser.add_argument("--batch-size", type=int, default=64, help="shapjax batch_size (composites per call)")
   parser.add_argument("--rounds", type=int, default=None, help="steady-state rounds per method")
-  parser.add_argument("--sections", default="ceiling,forward,attribution,train,memory,cold",
-                      help="comma-separated subset of ceiling,forward,attribution,train,memory,cold")
+  parser.add_argument("--sections", default="forward,attribution,train,memory,cold",
+                      help="comma-separated subset of forward,attribution,train,memory,cold")
+  parser.add_argument("--matmul-size", type=int, default=None,
+                      help="side of the matrix product that measures the ceiling (default 2048; --quick 1024)")
   parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<backend>.json)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--child-n-perm", type=int, default=100, help=argparse.SUPPRESS)
@@ -489,6 +500,7 @@ def main(argv=None) -> None:
   args.captum_ppe = [64] if args.quick else [16, 64]
   args.rss_n_perm = [int(n) for n in (args.rss_n_perm or ("100,400" if args.quick else "100,2000")).split(",")]
   args.train_batch = 8 if args.quick else 16
+  args.matmul_size = args.matmul_size or (1024 if args.quick else 2048)
   args.train_steps = 2 if args.quick else 3
   sections = set(args.sections.split(","))
 
@@ -522,34 +534,43 @@ def main(argv=None) -> None:
 
   module = torch_reference.torch_autoencoder(params, device=device)
   compiled = torch.compile(module)
-  ceiling = float("nan")
-  if "ceiling" in sections:
-    report["matmul"] = matmul_ceiling(1024 if args.quick else 2048, args.rounds + 1)
-    ceiling = report["matmul"]["ceiling"]
-    print("\n## Float32 matrix-product ceiling (GFLOP/s)\n")
-    print(_table(["numpy", "jax", "torch", "ceiling"],
-                 [[f"{report['matmul'][k]:.0f}" for k in ("numpy", "jax", "torch", "ceiling")]]), flush=True)
+  report["matmul"] = {}
+  out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{backend}{'-quick' if args.quick else ''}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+
+  def save():  # after every section, so a long run that dies late keeps what it measured
+    with open(out, "w") as f:
+      json.dump(report, f, indent=1)
+
+  def print_ceiling(section, methods):
+    report["matmul"][section] = ceiling = ceiling_of(methods)
+    save()
+    print(f"\nfloat32 {args.matmul_size}^2 matrix product in the same rounds (GFLOP/s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in ceiling.items()), flush=True)
   if "forward" in sections:
-    methods = forward_section(params, module, compiled, image, args.batch_size, args.rounds, device)
-    rows, report["forward"] = _rate_rows(methods, methods[0], flops, ceiling, "images")
+    methods = forward_section(args, params, module, compiled, image, args.batch_size, args.rounds, device)
+    rows, report["forward"] = _rate_rows(methods, methods[0], flops, "images")
     print(f"\n## Forward pass, batch {args.batch_size}\n")
     print(_table(["method", "first call s", "steady s", "images/s", "jax speed-up", "GFLOP/s", "of ceiling"],
                  rows), flush=True)
+    print_ceiling("forward", methods)
   if "attribution" in sections:
     methods, agreement = attribution_section(args, params, module, compiled, image, labels, n_regions, device)
-    rows, report["attribution"] = _rate_rows(methods, methods[0], flops, ceiling, "evals")
+    rows, report["attribution"] = _rate_rows(methods, methods[0], flops, "evals")
     report["agreement"] = agreement
     print(f"\n## Attribution: n_perm {args.n_perm}, {n_regions} regions (evals: model evaluations made)\n")
     print(_table(["method", "first call s", "steady s", "evals/s", "shapjax speed-up", "GFLOP/s", "of ceiling"],
                  rows))
     print("\nAgreement with shapjax on the same permutations (max |difference| / max |value|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items() if k != "max_abs_value"), flush=True)
+    print_ceiling("attribution", methods)
   if "train" in sections:
     methods = train_section(args, params, image, device)
-    rows, report["train"] = _rate_rows(methods, methods[0], 3 * flops * args.train_batch, ceiling, "steps")
+    rows, report["train"] = _rate_rows(methods, methods[0], 3 * flops * args.train_batch, "steps")
     print(f"\n## Training steps (forward + backward + Adam), batch {args.train_batch}\n")
     print(_table(["method", "first call s", f"steady s / {args.train_steps} steps", "steps/s", "jax speed-up",
                   "GFLOP/s (3x fwd)", "of ceiling"], rows), flush=True)
+    print_ceiling("train", methods)
   if "memory" in sections:
     report["memory"] = memory_section(args)
     print(f"\n## Peak RSS of attribute() in a fresh process ({n_regions} regions)\n")
@@ -558,6 +579,7 @@ def main(argv=None) -> None:
                  [[r["n_perm"], r.get("n_evals", "not run"), f"{r.get('seconds', float('nan')):.1f}",
                    f"{r['xla_temp_mib']:.1f}", f"{r.get('peak_rss_mib_before_attribute', float('nan')):.0f}",
                    f"{r.get('peak_rss_mib', float('nan')):.0f}"] for r in report["memory"]]), flush=True)
+    save()
   if "cold" in sections:
     report["cold_start"] = cold_start_section(args)
     print("\n## New process to first attribute() result (n_perm 2), seconds since process start\n")
@@ -565,10 +587,7 @@ def main(argv=None) -> None:
                  [[r["run"], f"{r['import']:.1f}", f"{r['init']:.1f}", f"{r['segment']:.1f}",
                    f"{r['first_result']:.1f}", f"{r['second_image_seconds']:.2f}"] for r in report["cold_start"]]),
           flush=True)
-  out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{backend}{'-quick' if args.quick else ''}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=1)
+  save()
   print(f"\nwrote {os.path.relpath(out, ROOT)}")
 
 
