@@ -3,6 +3,8 @@
     shapjax train DATA_DIR --out CKPT_DIR [--steps N] [--image-size H [W]] [--seed K] [--resume]
     shapjax explain IMAGE... --checkpoint CKPT_DIR [--n-perm N] [--regions R] --out OUT_DIR
     shapjax demo [--out DIR] [--quick]
+    shapjax evaluate DATA_DIR --checkpoint CKPT_DIR [--maps M,...] [--n-perm N] [--regions R] [--limit K] --json OUT.json
+        [--figures DIR]
 
 Exit codes: 0 success, 2 usage error (from argparse), 1 any other failure, reported as one line
 ``shapjax: error: ...`` on stderr without a traceback (set ``SHAPJAX_TRACEBACK=1`` to see it).
@@ -182,9 +184,80 @@ def _run_demo(args) -> int:
   return 0
 
 
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+# evaluate()'s defaults, spelled out so that building the parser imports no JAX (a test checks they agree).
+_EVALUATE_DEFAULTS = dict(maps=("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm"),
+                          base_maps=("residual", "shapley", "shapley_area", "residual_x_shapley",
+                                     "residual_x_shapley_norm"),
+                          n_perm=8, regions=(32,), baseline="reconstruction")
+
+
+def _add_evaluate(subparsers) -> None:
+  evaluation = argparse.Namespace(**{
+      "DEFAULT_MAPS": _EVALUATE_DEFAULTS["maps"], "BASE_MAPS": _EVALUATE_DEFAULTS["base_maps"],
+      "DEFAULT_N_PERM": _EVALUATE_DEFAULTS["n_perm"], "DEFAULT_REGIONS": _EVALUATE_DEFAULTS["regions"],
+      "DEFAULT_BASELINE": _EVALUATE_DEFAULTS["baseline"]})
+
+  parser = subparsers.add_parser(
+      "evaluate", help="score anomaly maps on a test split (AUROC, AUPRO)",
+      description="Compute every anomaly map (residual, Shapley, ...) of DATA_DIR/test with the autoencoder in "
+      "CKPT_DIR, print image AUROC, pixel AUROC, AUPRO@0.3 and seconds per image overall and per defect type, and "
+      "write them to OUT.json. Per-image results are cached, so an interrupted run resumes.")
+  parser.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder in the MVTec AD layout")
+  parser.add_argument("--checkpoint", required=True, metavar="CKPT_DIR", help="a checkpoint folder")
+  parser.add_argument("--maps", default=",".join(evaluation.DEFAULT_MAPS), metavar="M1,M2,...",
+                      help=f"maps from {','.join(evaluation.BASE_MAPS)}; Shapley maps may end in :constant or "
+                      f":shuffled (ablations). Default {','.join(evaluation.DEFAULT_MAPS)}")
+  parser.add_argument("--n-perm", type=_positive_int, default=evaluation.DEFAULT_N_PERM, metavar="N",
+                      help=f"permutations per image (even; default {evaluation.DEFAULT_N_PERM})")
+  parser.add_argument("--regions", default=",".join(str(r) for r in evaluation.DEFAULT_REGIONS), metavar="R[,R2]",
+                      help="SLIC regions per image; several numbers average several scales "
+                      f"(default {','.join(str(r) for r in evaluation.DEFAULT_REGIONS)})")
+  parser.add_argument("--baseline", choices=("reconstruction", "blur", "mean", "zeros"),
+                      default=evaluation.DEFAULT_BASELINE, help="what absent regions become "
+                      f"(default {evaluation.DEFAULT_BASELINE})")
+  parser.add_argument("--limit", type=_positive_int, default=None, metavar="K",
+                      help="a fixed stratified subset of about K test images")
+  parser.add_argument("--json", required=True, metavar="OUT.json", help="results file (created)")
+  parser.add_argument("--figures", default=None, metavar="DIR", help="write DIR/overlays.png")
+  parser.add_argument("--cache", default=None, metavar="DIR",
+                      help="per-image cache folder (default: OUT.json's folder/.shapjax_cache)")
+  parser.add_argument("--seed", type=int, default=0, metavar="K", help="PRNG seed (default 0)")
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+  import shapjax  # pylint: disable=g-import-not-at-top
+  from shapjax import evaluation  # pylint: disable=g-import-not-at-top
+
+  if args.n_perm % 2:
+    raise _UsageError(f"--n-perm must be even (antithetic pairs), got {args.n_perm}")
+  try:
+    regions = tuple(int(r) for r in args.regions.split(","))
+  except ValueError:
+    raise _UsageError(f"--regions takes comma-separated integers, got {args.regions!r}") from None
+  maps = [m for m in args.maps.split(",") if m]
+  try:
+    for name in maps:
+      evaluation._parse_map(name)  # pylint: disable=protected-access
+  except ValueError as error:
+    raise _UsageError(str(error)) from None
+  cache = Path(args.cache) if args.cache else Path(args.json).absolute().parent / ".shapjax_cache"
+  params = shapjax.load(args.checkpoint)
+  result = shapjax.evaluate(params, args.data_dir, maps=maps, n_perm=args.n_perm, regions=regions,
+                            baseline=args.baseline, seed=args.seed, limit=args.limit, cache_dir=cache,
+                            figures_dir=args.figures, progress=not args.quiet)
+  print(evaluation.format_table(result))
+  evaluation.write_json(result, args.json)
+  print(f"wrote {args.json}" + (f" and {Path(args.figures) / 'overlays.png'}" if args.figures else ""))
+  return 0
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
-_COMMANDS = (_add_train, _add_explain, _add_demo)
+_COMMANDS = (_add_train, _add_explain, _add_demo, _add_evaluate)
 
 
 class _UsageError(Exception):

@@ -9,6 +9,8 @@ Every map is built from the same per-image parts, computed once and cached on di
   the region accounts for (the same units as the residual), so that large regions do not win by size alone.
 * ``residual_x_shapley``: the residual map times the (non-negative part of the) ``shapley_area`` map: pixel
   detail from the residual, gated by whether the region the pixel lies in raises the loss.
+* ``residual_x_shapley_norm``: the residual map times the ``shapley_area`` map min-max normalised per image, so
+  in every image the region that raises the loss most keeps its residual and the others are damped.
 
 Any Shapley map name takes an ablation suffix: ``":constant"`` replaces each image's region values by their
 mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
@@ -36,10 +38,10 @@ import skimage.transform
 
 from shapjax import attribution, masking, metrics, model, sampling, segmentation
 
-BASE_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley")
+BASE_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 """Names of the anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
 ABLATIONS = ("constant", "shuffled")
-DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley")
+DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 DEFAULT_N_PERM = 8
 DEFAULT_REGIONS = (32,)
 DEFAULT_BASELINE = "reconstruction"
@@ -180,6 +182,10 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   density = smooth(_region_map(parts, n_scales, per_area=True, ablation=ablation, seed=seed))
   if base == "shapley_area":
     return density.astype(np.float32)
+  if base == "residual_x_shapley_norm":
+    span = float(density.max() - density.min())
+    gate = (density - density.min()) / span if span > 0 else np.ones_like(density)
+    return (residual * gate).astype(np.float32)
   return (residual * np.maximum(density, 0.0)).astype(np.float32)
 
 
@@ -242,17 +248,6 @@ def _upsample(image_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return image_map
   return skimage.transform.resize(image_map, size, order=1, mode="edge", anti_aliasing=False,
                                   preserve_range=True).astype(np.float32)
-
-
-def _scores(maps_full, masks, image_scores, labels) -> dict:
-  pixel = metrics.pixel_metrics(maps_full, masks)
-  has_both = 0 < int(np.sum(labels)) < len(labels)
-  return {
-      "image_auroc": metrics.image_auroc(image_scores, labels) if has_both else None,
-      "pixel_auroc": pixel.pixel_auroc,
-      "aupro": pixel.aupro,
-      "n_images": int(len(labels)),
-  }
 
 
 def _load_split(data_or_split, params: model.AutoencoderParams):
@@ -365,16 +360,20 @@ def evaluate(
   for t in sorted(set(types) - {"good"}):
     groups[t] = np.asarray([u in (t, "good") for u in types])
   results = {}
+  groups = {g: member for g, member in groups.items() if any(masks[i].any() for i in np.flatnonzero(member))}
   for name in names:
     full = [_upsample(m, g.shape) for m, g in zip(image_maps[name], masks)]
     image_scores = np.asarray([float(m.max()) for m in image_maps[name]])
+    pixel = metrics.grouped_pixel_metrics(full, masks, groups) if groups else {}
     per_group = {}
     for group, member in groups.items():
-      chosen = np.flatnonzero(member)
-      if not any(masks[i].any() for i in chosen):
-        continue
-      per_group[group] = _scores([full[i] for i in chosen], [masks[i] for i in chosen], image_scores[chosen],
-                                 labels[chosen])
+      has_both = 0 < int(labels[member].sum()) < int(member.sum())
+      per_group[group] = {
+          "image_auroc": metrics.image_auroc(image_scores[member], labels[member]) if has_both else None,
+          "pixel_auroc": pixel[group].pixel_auroc,
+          "aupro": pixel[group].aupro,
+          "n_images": int(member.sum()),
+      }
     results[name] = {
         "overall": per_group.get("overall"),
         "per_type": {g: s for g, s in per_group.items() if g != "overall"},

@@ -162,22 +162,59 @@ def pixel_metrics(maps: ArrayLike | Sequence[ArrayLike], masks: ArrayLike | Sequ
   Returns:
     :class:`PixelMetrics`.
   """
+  maps, masks = _pairs(maps, masks)
+  return grouped_pixel_metrics(maps, masks, {"all": np.ones(len(maps), bool)}, max_fpr=max_fpr)["all"]
+
+
+def grouped_pixel_metrics(maps: Sequence[ArrayLike], masks: Sequence[ArrayLike],
+                          groups: dict[str, ArrayLike], *,
+                          max_fpr: float = DEFAULT_MAX_FPR) -> dict[str, PixelMetrics]:
+  """:func:`pixel_metrics` of several subsets of the images, from one sort of all pixels.
+
+  Args:
+    maps: ``N`` anomaly maps ``f32[H_i, W_i]`` (or ``f32[N, H, W]``).
+    masks: ``N`` ground-truth masks of the same shapes.
+    groups: name -> ``bool[N]``, the images of each subset (e.g. one defect type plus the good images).
+    max_fpr: upper limit of the AUPRO integral, in ``(0, 1]``.
+
+  Returns:
+    name -> :class:`PixelMetrics` for every group.
+  """
   if not 0 < max_fpr <= 1:
     raise ValueError(f"max_fpr must lie in (0, 1], got {max_fpr}")
   maps, masks = _pairs(maps, masks)
-  scores = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
-  region, n_regions = _regions(masks)
+  scores = np.concatenate([m.ravel() for m in maps])
+  image = np.concatenate([np.full(m.size, i, np.int32) for i, m in enumerate(maps)])
+  region, _ = _regions(masks)
+  order = np.argsort(-scores, kind="stable")
+  scores, image, region = scores[order], image[order], region[order]
+  del order
+  results = {}
+  for name, members in groups.items():
+    members = np.asarray(members, bool)
+    if members.shape != (len(maps),):
+      raise ValueError(f"group {name!r} must be bool[{len(maps)}], got shape {members.shape}")
+    if members.all():
+      results[name] = _curve_metrics(scores, region, max_fpr)
+    else:
+      keep = members[image]  # a boolean selection keeps the sorted order: no second sort
+      results[name] = _curve_metrics(scores[keep], region[keep], max_fpr)
+  return results
+
+
+def _curve_metrics(scores: np.ndarray, region: np.ndarray, max_fpr: float) -> PixelMetrics:
+  """Both metrics from pixels sorted by decreasing score, with their region ids (-1 = defect-free)."""
   defect = region >= 0
   n_normal = int((~defect).sum())
+  present, region_index = np.unique(region[defect], return_inverse=True)
+  n_regions = present.size
   if n_regions == 0 or n_normal == 0:
     raise ValueError(f"pixel metrics need defective and defect-free pixels, got {n_regions} defect regions and "
                      f"{n_normal} defect-free pixels")
-  order = np.argsort(-scores, kind="stable")
-  scores, region, defect = scores[order], region[order], defect[order]
   # Weight of each pixel in each curve: FPR counts defect-free pixels, PRO averages the regions' recalls.
-  region_size = np.bincount(region[defect], minlength=n_regions)
+  region_size = np.bincount(region_index, minlength=n_regions)
   pro_weight = np.zeros(scores.size)
-  pro_weight[defect] = 1.0 / (region_size[region[defect]] * n_regions)
+  pro_weight[defect] = 1.0 / (region_size[region_index] * n_regions)
   fpr = np.cumsum(~defect) / n_normal
   tpr = np.cumsum(defect) / int(defect.sum())
   pro = np.cumsum(pro_weight)

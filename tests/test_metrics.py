@@ -151,3 +151,15 @@ def test_errors():
     shapjax.pixel_auroc(np.full(masks.shape, np.nan), masks)
   with pytest.raises(ValueError, match="max_fpr"):
     shapjax.aupro(masks.astype(float), masks, max_fpr=0.0)
+
+
+def test_grouped_pixel_metrics_equal_separate_calls():
+  rng = np.random.default_rng(11)
+  maps, masks = random_case(rng, 6, quantize=5)
+  groups = {"all": np.ones(6, bool), "some": np.asarray([1, 1, 0, 1, 0, 1], bool)}
+  grouped = metrics.grouped_pixel_metrics(maps, masks, groups)
+  for name, members in groups.items():
+    chosen = np.flatnonzero(members)
+    single = metrics.pixel_metrics([maps[i] for i in chosen], [masks[i] for i in chosen])
+    assert grouped[name].pixel_auroc == pytest.approx(single.pixel_auroc, rel=1e-12)
+    assert grouped[name].aupro == pytest.approx(single.aupro, rel=1e-12)
