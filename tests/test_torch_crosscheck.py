@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import shapjax
+from conftest import stripes_labels
 from shapjax import masking
 
+# benchmarks/ is a package at the repository root, not part of the installed library.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import torch_reference  # noqa: E402
-
-from conftest import stripes_labels  # noqa: E402
 
 
 def _params(key, image_shape, decoder):
