@@ -167,8 +167,8 @@ class DemoConfig:
   n_test: int = 32
   n_explain: int = 6
   train: TrainConfig = TrainConfig(
-      model=model.AutoencoderConfig((64, 64, 1), features=(16, 32, 64), latent_features=16), steps=600,
-      batch_size=32, learning_rate=3e-3, warmup_steps=50, checkpoint_every=200, keep_checkpoints=1)
+      model=model.AutoencoderConfig((64, 64, 1), features=(16, 32, 64), latent_features=16), steps=400,
+      batch_size=32, learning_rate=3e-3, warmup_steps=40, checkpoint_every=200, keep_checkpoints=1)
   n_perm: int = 32
   max_regions: int = 32
 
@@ -178,6 +178,21 @@ class DemoConfig:
     return cls(image_size=32, n_train=32, n_test=4, n_explain=2,
                train=TrainConfig.tiny((32, 32, 1), steps=30, checkpoint_every=30, keep_checkpoints=1),
                n_perm=8, max_regions=16)
+
+
+def _round_robin(defect_types: Sequence[str], count: int) -> list[int]:
+  """Indices of up to ``count`` defective images, taking each defect type in turn (blob, scratch, blob, ...)."""
+  by_type: dict[str, list[int]] = {}
+  for i, kind in enumerate(defect_types):
+    if kind != "good":
+      by_type.setdefault(kind, []).append(i)
+  queues = list(by_type.values())
+  chosen = []
+  while len(chosen) < count and any(queues):
+    for queue in queues:
+      if queue and len(chosen) < count:
+        chosen.append(queue.pop(0))
+  return chosen
 
 
 def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
@@ -237,7 +252,7 @@ def run_demo(
   train_seconds = time.perf_counter() - train_started
   params = checkpoint.load(ckpt_dir)  # what a user would do: the checkpoint is the product
 
-  defective = [i for i, t in enumerate(test_split.defect_types) if t != "good"][:config.n_explain]
+  defective = _round_robin(test_split.defect_types, config.n_explain)
   log(f"[3/4] explaining {len(defective)} defective test images ({config.n_perm} permutations, "
       f"up to {config.max_regions} regions)")
   explain_started = time.perf_counter()

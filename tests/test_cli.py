@@ -94,6 +94,7 @@ def test_demo_quick(tmp_path):
   demo = tmp_path / "demo"
   summary = json.loads((demo / "summary.json").read_text())
   assert len(summary["images"]) == 2
+  assert {item["defect_type"] for item in summary["images"]} == {"blob", "scratch"}  # one of each kind
   for item in summary["images"]:
     _valid_png(Path(item["figure"]))
     json.loads(Path(item["figure"]).with_suffix(".json").read_text())
