@@ -270,10 +270,12 @@ def attribute_sharded(
 
   Example:
     >>> import jax, numpy as np, shapjax
-    >>> params = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(8, 16))
+    >>> params = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(8, 16), latent_features=8)
     >>> image = np.random.default_rng(0).random((32, 32, 1), dtype=np.float32)
     >>> labels = shapjax.segment(image, max_regions=8)
-    >>> result = shapjax.attribute_sharded(params, image, labels, 8, mesh=shapjax.make_mesh(), max_regions=8)
+    >>> mesh = shapjax.make_mesh()
+    >>> result = shapjax.attribute_sharded(params, image, labels, 2 * mesh.size, mesh=mesh, max_regions=8,
+    ...                                    batch_size=8)
     >>> result.values.shape
     (8,)
   """
@@ -407,9 +409,9 @@ def attribute_dataset(
 
   Example:
     >>> import jax, numpy as np, shapjax
-    >>> params = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(8, 16))
+    >>> params = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(8, 16), latent_features=8)
     >>> images = np.random.default_rng(0).random((5, 32, 32), dtype=np.float32)
-    >>> out = shapjax.attribute_dataset(params, images, 4, batch=4, max_regions=8, progress=False)
+    >>> out = shapjax.attribute_dataset(params, images, 4, batch=4, max_regions=8, batch_size=8, progress=False)
     >>> out.values.shape, out.labels.shape
     ((5, 8), (5, 32, 32))
   """
