@@ -161,6 +161,7 @@ def _permutation_ranks(key: jax.Array, index: jax.Array, active: jax.Array, esti
 def _evaluate_chunked(value_fn: ValueFn, coalitions_of: Callable, n_items: int, batch_size: int,
                       n_needed: jax.Array) -> jax.Array:
   """Evaluates ``value_fn`` on ``n_items`` coalitions built chunk by chunk; skips chunks past ``n_needed``."""
+  batch_size = min(batch_size, n_items)  # a chunk larger than the work would evaluate clamped duplicates
   n_chunks = -(-n_items // batch_size)
 
   def one_chunk(chunk):
@@ -329,10 +330,10 @@ def _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v
     values = jnp.zeros((n_perm, 0, 2), jnp.float32)
   used = (jnp.arange(n_pairs) < n_active // 2)[None, :, None]
   targets = jnp.where(used, values - v_empty_full[0], 0.0)
-  z = coalitions.astype(jnp.float32) * used[..., None].astype(jnp.float32)
+  z = (coalitions.astype(jnp.float32) * used[..., None].astype(jnp.float32)).reshape(n_perm, -1, n_players)
   group = jax.nn.one_hot(units % KERNEL_GROUPS, KERNEL_GROUPS, dtype=jnp.float32)  # [P, J]
-  gram = jnp.einsum("pg,pqsi,pqsj->gij", group, z, z)
-  moment = jnp.einsum("pg,pqsi,pqs->gi", group, z, targets)
+  gram = jnp.einsum("pg,pij->gij", group, jnp.einsum("pki,pkj->pij", z, z))
+  moment = jnp.einsum("pg,pi->gi", group, jnp.einsum("pki,pk->pi", z, targets.reshape(n_perm, -1)))
   count = group.sum(axis=0) * (2 * (n_active // 2)).astype(jnp.float32)
   return {**state, "gram": state["gram"] + gram, "moment": state["moment"] + moment,
           "count": state["count"] + count}
@@ -367,11 +368,12 @@ def _finish(state, active, v_empty_full, estimator):
     return state["mean"], jnp.where(active, stderr, 0.0)
   total = v_empty_full[1] - v_empty_full[0]
   gram, moment, count = state["gram"], state["moment"], state["count"]
-  values = _constrained_fit(gram.sum(0), moment.sum(0), count.sum(), active, total)
-  # Delete-a-group jackknife over the groups that hold samples.
-  fit_without = jax.vmap(lambda g, m, k: _constrained_fit(gram.sum(0) - g, moment.sum(0) - m, count.sum() - k,
-                                                          active, total))
-  left_out = fit_without(gram, moment, count)  # [J, n]
+  # The full fit and the delete-a-group fits, as one batch of J + 1 solves.
+  fits = jax.vmap(lambda g, m, k: _constrained_fit(g, m, k, active, total))(
+      jnp.concatenate([gram.sum(0)[None], gram.sum(0)[None] - gram]),
+      jnp.concatenate([moment.sum(0)[None], moment.sum(0)[None] - moment]),
+      jnp.concatenate([count.sum()[None], count.sum() - count]))
+  values, left_out = fits[0], fits[1:]  # [n], [J, n]
   filled = count > 0
   n_groups = jnp.sum(filled, dtype=jnp.float32)
   centre = jnp.sum(jnp.where(filled[:, None], left_out, 0.0), axis=0) / jnp.maximum(n_groups, 1.0)
