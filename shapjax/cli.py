@@ -133,6 +133,8 @@ def _add_explain(subparsers) -> None:
   parser.add_argument("--baseline", choices=("blur", "mean", "zeros"), default="blur",
                       help="what absent regions are replaced with (default blur)")
   parser.add_argument("--top", type=_positive_int, default=3, metavar="K", help="regions outlined (default 3)")
+  parser.add_argument("--compactness", type=_positive_float, default=10.0, metavar="C",
+                      help="SLIC compactness (default 10); lower values weigh intensity more than position")
   parser.add_argument("--seed", type=int, default=0, metavar="K", help="PRNG seed (default 0)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   parser.set_defaults(handler=_run_explain)
@@ -148,7 +150,7 @@ def _run_explain(args) -> int:
   params = shapjax.load(args.checkpoint)
   records = pipeline.explain_files(args.images, params=params, out_dir=args.out, n_perm=args.n_perm,
                                    max_regions=args.regions, key=jax.random.key(args.seed), baseline=args.baseline,
-                                   top_k=args.top, progress=not args.quiet)
+                                   top_k=args.top, compactness=args.compactness, progress=not args.quiet)
   for record in records:
     top = record["regions"][record["regions_by_value"][0]]
     print(f"{record['image']}: top region {top['id']} value {top['value']:+.3e} ± {top['stderr']:.1e} "

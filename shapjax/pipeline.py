@@ -67,6 +67,7 @@ def explain_files(
     key: jax.Array | None = None,
     baseline: str = "blur",
     top_k: int = 3,
+    compactness: float = 10.0,
     progress: bool = True,
 ) -> list[dict]:
   """Explains image files: for each, a PNG figure and a JSON of per-region Shapley values.
@@ -85,6 +86,8 @@ def explain_files(
     key: PRNG key; defaults to ``jax.random.key(0)``.
     baseline: what absent regions become (see :func:`shapjax.attribute`).
     top_k: regions outlined in the figure and listed first in the JSON.
+    compactness: SLIC's colour-versus-position balance (see :func:`shapjax.segment`); lower values weigh
+      intensity more.
     progress: show a progress bar.
 
   Returns:
@@ -107,7 +110,7 @@ def explain_files(
   used, records = set(), []
   for i, (path, image) in enumerate(_progress(list(zip(paths, images)), total=len(paths), desc="explaining",
                                               enabled=progress)):
-    labels = segmentation.segment(image, max_regions=max_regions)
+    labels = segmentation.segment(image, max_regions=max_regions, compactness=compactness)
     started = time.perf_counter()
     result = attribution.attribute(params, image, labels, n_perm, key=jax.random.fold_in(key, i),
                                    baseline=baseline, max_regions=max_regions)
@@ -127,6 +130,7 @@ def explain_files(
         "n_evals": int(result.n_evals),
         "seconds": round(seconds, 3),
         "baseline": baseline,
+        "compactness": float(compactness),
         "regions_by_value": order,
         "regions": [{"id": r, "value": float(values[r]), "stderr": float(stderr[r]), "pixels": int(sizes[r])}
                     for r in range(n_regions)],
