@@ -353,6 +353,7 @@ def plot(results, summary, args):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for name, s in summary.items():
@@ -367,6 +368,8 @@ def plot(results, summary, args):
   for ax in axes[:2]:
     ax.axhline(args.target, color="grey", lw=0.8)
     ax.set_ylabel("median relative L2 error vs exact")
+  for ax in axes:
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   axes[0].set_xlabel("value-function evaluations")
   axes[1].set_xlabel("wall time per image [s] (2 CPU cores)")
   axes[2].set_xlabel("value-function evaluations")
