@@ -483,6 +483,8 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<backend>.json)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--child-n-perm", type=int, default=100, help=argparse.SUPPRESS)
+  parser.add_argument("--captum-ppe", default=None,
+                      help="captum perturbations_per_eval values to try (default 16,64; --quick 64)")
   parser.add_argument("--rss-n-perm", default=None,
                       help="n_perm values for the memory section (default 100,2000; --quick 100,400)")
   parser.add_argument("--child-compile-only", action="store_true", help=argparse.SUPPRESS)
@@ -497,7 +499,7 @@ def main(argv=None) -> None:
   args.rounds = args.rounds or (2 if args.quick else 4)
   args.n_perm = args.n_perm or (8 if args.quick else 16)
   args.torch_batch_sizes = [args.batch_size]
-  args.captum_ppe = [64] if args.quick else [16, 64]
+  args.captum_ppe = [int(n) for n in (args.captum_ppe or ("64" if args.quick else "16,64")).split(",")]
   args.rss_n_perm = [int(n) for n in (args.rss_n_perm or ("100,400" if args.quick else "100,2000")).split(",")]
   args.train_batch = 8 if args.quick else 16
   args.matmul_size = args.matmul_size or (1024 if args.quick else 2048)
