@@ -39,7 +39,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 ValueFn = Callable[[jax.Array], jax.Array]
 
@@ -51,9 +50,17 @@ STRATIFIED_GROUP = 2 * STRATIFIED_SHIFTS  # permutations per stratified replicat
 KERNEL_GROUPS = 32  # jackknife groups of the kernel estimator: unit i falls in group i % KERNEL_GROUPS
 DEFAULT_MAX_BLOCKS = 64  # with tol and no max_evals: the budget is this many blocks
 _RIDGE = 1e-6
-# Student-t 97.5% quantiles over 1.96, for 1..1024 degrees of freedom (beyond: 1).
-_T_INFLATION = np.concatenate([scipy.stats.t.ppf(0.975, np.arange(1, 1025)) / scipy.stats.norm.ppf(0.975),
-                               [1.0]]).astype(np.float32)
+
+
+@functools.cache
+def _t_inflation_table() -> np.ndarray:
+  """Student-t 97.5% quantiles over 1.96, for 1..1024 degrees of freedom (beyond: 1).
+
+  Built on first use: importing scipy.stats costs seconds of every cold start.
+  """
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+  return np.concatenate([scipy.stats.t.ppf(0.975, np.arange(1, 1025)) / scipy.stats.norm.ppf(0.975),
+                         [1.0]]).astype(np.float32)
 
 
 @flax.struct.dataclass
@@ -355,8 +362,9 @@ def _constrained_fit(gram, moment, count, active, total):
 
 def _t_inflation(n_samples: jax.Array) -> jax.Array:
   """``t(0.975, n_samples - 1) / 1.96``: a 1.96-stderr interval is then a 95% interval."""
-  dof = jnp.clip(n_samples.astype(jnp.int32) - 1, 1, _T_INFLATION.shape[0])
-  return jnp.asarray(_T_INFLATION)[dof - 1]
+  table = _t_inflation_table()
+  dof = jnp.clip(n_samples.astype(jnp.int32) - 1, 1, table.shape[0])
+  return jnp.asarray(table)[dof - 1]
 
 
 def _finish(state, active, v_empty_full, estimator):
