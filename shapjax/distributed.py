@@ -336,14 +336,7 @@ def _host_images(images, config: model.AutoencoderConfig) -> np.ndarray:
   if images.shape[-1] != config.image_shape[-1]:
     raise ValueError(f"images have {images.shape[-1]} channels but the autoencoder expects "
                      f"{config.image_shape[-1]} (shape {images.shape})")
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
-  images = images.astype(np.float32)
-  if not np.all(np.isfinite(images)):
-    raise ValueError("images contain NaN or inf")
-  return images
+  return model.host_float_images(images)
 
 
 def _chunks(images, size: int):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 _DECODERS = ("shuffle", "resize", "transpose")
@@ -175,6 +176,21 @@ def _check_params(params) -> None:
   if not isinstance(params, AutoencoderParams):
     raise TypeError(
         f"params must be AutoencoderParams (from init_autoencoder, train or load), got {type(params).__name__}")
+
+
+def host_float_images(images: np.ndarray) -> np.ndarray:
+  """Host-side dtype check of an image batch (shape already checked): ``f32`` in ``[0, 1]``, finite.
+
+  uint8 is scaled by 1/255; other integer or non-numeric dtypes are a TypeError, NaN or inf a ValueError.
+  """
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  if not np.issubdtype(images.dtype, np.floating):
+    raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
+  images = images.astype(np.float32)
+  if not np.all(np.isfinite(images)):
+    raise ValueError("images contain NaN or inf")
+  return images
 
 
 def reconstruct(params: AutoencoderParams, images: ArrayLike) -> jax.Array:

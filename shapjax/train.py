@@ -184,14 +184,7 @@ def _as_images(images: ArrayLike) -> np.ndarray:
     raise ValueError(f"images must have shape [N, H, W, C], got shape {images.shape}")
   if images.shape[0] < 1:
     raise ValueError("images is empty")
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
-  images = images.astype(np.float32)
-  if not np.all(np.isfinite(images)):
-    raise ValueError("images contain NaN or inf")
-  return images
+  return model.host_float_images(images)
 
 
 def _key_record(key: jax.Array) -> list:
