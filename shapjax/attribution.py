@@ -264,7 +264,7 @@ def attribute_batch(
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
-    estimator: str = "antithetic",
+    estimator: str = sampling.DEFAULT_ESTIMATOR,
     mesh: jax.sharding.Mesh | None = None,
 ) -> sampling.ShapleyResult:
   """:func:`attribute` for N images of one shape, as one compiled program.
@@ -282,7 +282,8 @@ def attribute_batch(
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
     max_regions: number of players.
     batch_size: composites per autoencoder call.
-    estimator: ``"antithetic"`` or ``"permutation"``.
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
+      :func:`shapjax.shapley_values`).
     mesh: a ``jax.sharding.Mesh`` (e.g. :func:`shapjax.make_mesh`) to split the images across its devices,
       one shard per device with no communication; N is padded to a multiple of the device count.
 

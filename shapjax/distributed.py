@@ -241,7 +241,7 @@ def attribute_sharded(
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
-    estimator: str = "antithetic",
+    estimator: str = sampling.DEFAULT_ESTIMATOR,
 ) -> sampling.ShapleyResult:
   """:func:`shapjax.attribute` for one large image, with the permutations split across the devices of ``mesh``.
 
@@ -359,7 +359,7 @@ def attribute_dataset(
     baseline: str | float | ArrayLike = masking.DEFAULT_BASELINE,
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
-    estimator: str = "antithetic",
+    estimator: str = sampling.DEFAULT_ESTIMATOR,
     n_workers: int | None = None,
     segment_options: dict | None = None,
 ) -> DatasetAttribution:
@@ -392,7 +392,8 @@ def attribute_dataset(
       ``f32[H, W, C]`` array for all images).
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
     batch_size: composites per autoencoder call.
-    estimator: ``"antithetic"`` or ``"permutation"``.
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
+      :func:`shapjax.shapley_values`).
     n_workers: segmentation threads (default: the CPU count).
     segment_options: more arguments for :func:`shapjax.segment` (``n_segments``, ``compactness``, ``sigma``).
 

@@ -59,7 +59,8 @@ class MapSettings:
     baseline: ``"reconstruction"`` (absent regions become the autoencoder's reconstruction of the image:
       a defect-free look-alike), or any baseline of :func:`shapjax.attribute` (``"blur"``, ``"mean"``,
       ``"zeros"``, a float).
-    estimator: ``"antithetic"`` or ``"permutation"``.
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
+      :func:`shapjax.shapley_values`).
     sigma: Gaussian smoothing of every map, in model pixels.
     seed: seed of the permutation keys (image ``i`` of the full split uses ``fold_in(key(seed), i)``).
   """
@@ -67,7 +68,7 @@ class MapSettings:
   n_perm: int = DEFAULT_N_PERM
   regions: tuple[int, ...] = DEFAULT_REGIONS
   baseline: str | float = DEFAULT_BASELINE
-  estimator: str = "antithetic"
+  estimator: str = sampling.DEFAULT_ESTIMATOR
   sigma: float = DEFAULT_SIGMA
   seed: int = 0
 
@@ -266,7 +267,7 @@ def evaluate(
     n_perm: int = DEFAULT_N_PERM,
     regions: int | Sequence[int] = DEFAULT_REGIONS,
     baseline: str | float = DEFAULT_BASELINE,
-    estimator: str = "antithetic",
+    estimator: str = sampling.DEFAULT_ESTIMATOR,
     sigma: float = DEFAULT_SIGMA,
     seed: int = 0,
     limit: int | None = None,
@@ -293,7 +294,8 @@ def evaluate(
     n_perm: permutations per image and scale.
     regions: SLIC ``max_regions``, or several (one per scale; the Shapley maps average them).
     baseline: ``"reconstruction"``, ``"blur"``, ``"mean"``, ``"zeros"`` or a float (see :class:`MapSettings`).
-    estimator: ``"antithetic"`` or ``"permutation"``.
+    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
+      :func:`shapjax.shapley_values`).
     sigma: Gaussian smoothing of the maps, in model pixels.
     seed: seed of the permutation keys and of the ``:shuffled`` ablation.
     limit: evaluate a fixed stratified subset of about this many images (:func:`stratified_subset`).
