@@ -1,83 +1,84 @@
-"""shapjax: where is an image anomalous? Shapley values of superpixels, as one jitted JAX program."""
+"""shapjax: where is an image anomalous? Shapley values of superpixels, as one jitted JAX program.
 
-from shapjax.attribution import attribute
-from shapjax.attribution import attribute_batch
-from shapjax.checkpoint import load
-from shapjax.checkpoint import save
-from shapjax.data import MVTecSplit
-from shapjax.data import load_mvtec
-from shapjax.data import make_demo_dataset
-from shapjax.data import read_image
-from shapjax.distributed import DatasetAttribution
-from shapjax.distributed import attribute_dataset
-from shapjax.distributed import attribute_sharded
-from shapjax.distributed import make_mesh
-from shapjax.evaluation import evaluate
-from shapjax.masking import heatmap
-from shapjax.masking import make_baseline
-from shapjax.masking import masked_value_fn
-from shapjax.metrics import aupro
-from shapjax.metrics import image_auroc
-from shapjax.metrics import pixel_auroc
-from shapjax.model import AutoencoderConfig
-from shapjax.model import AutoencoderParams
-from shapjax.model import init_autoencoder
-from shapjax.model import reconstruct
-from shapjax.model import reconstruction_loss
-from shapjax.model import residual_map
-from shapjax.pipeline import DemoConfig
-from shapjax.pipeline import explain_files
-from shapjax.pipeline import run_demo
-from shapjax.plots import plot_explanation
-from shapjax.plots import plot_loss_curve
-from shapjax.plots import plot_overlay_grid
-from shapjax.sampling import ShapleyResult
-from shapjax.sampling import exact_shapley
-from shapjax.sampling import shapley_values
-from shapjax.segmentation import segment
-from shapjax.segmentation import segment_batch
-from shapjax.train import TrainConfig
-from shapjax.train import train
+The public names below are imported on first use (PEP 562), so ``import shapjax`` costs almost nothing and a
+process that only calls :func:`attribute` never imports matplotlib, orbax or scikit-learn.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AutoencoderConfig",
-    "AutoencoderParams",
-    "DatasetAttribution",
-    "DemoConfig",
-    "MVTecSplit",
-    "ShapleyResult",
-    "TrainConfig",
-    "attribute",
-    "attribute_batch",
-    "attribute_dataset",
-    "attribute_sharded",
-    "aupro",
-    "evaluate",
-    "exact_shapley",
-    "explain_files",
-    "heatmap",
-    "image_auroc",
-    "init_autoencoder",
-    "load",
-    "load_mvtec",
-    "make_baseline",
-    "make_demo_dataset",
-    "make_mesh",
-    "masked_value_fn",
-    "pixel_auroc",
-    "plot_explanation",
-    "plot_loss_curve",
-    "plot_overlay_grid",
-    "read_image",
-    "reconstruct",
-    "reconstruction_loss",
-    "residual_map",
-    "run_demo",
-    "save",
-    "segment",
-    "segment_batch",
-    "shapley_values",
-    "train",
-]
+# public name -> the module (concept) that defines it
+_EXPORTS = {
+    "attribute": "attribution",
+    "attribute_batch": "attribution",
+    "load": "checkpoint",
+    "save": "checkpoint",
+    "MVTecSplit": "data",
+    "load_mvtec": "data",
+    "make_demo_dataset": "data",
+    "read_image": "data",
+    "DatasetAttribution": "distributed",
+    "attribute_dataset": "distributed",
+    "attribute_sharded": "distributed",
+    "make_mesh": "distributed",
+    "evaluate": "evaluation",
+    "heatmap": "masking",
+    "make_baseline": "masking",
+    "masked_value_fn": "masking",
+    "aupro": "metrics",
+    "image_auroc": "metrics",
+    "pixel_auroc": "metrics",
+    "AutoencoderConfig": "model",
+    "AutoencoderParams": "model",
+    "init_autoencoder": "model",
+    "reconstruct": "model",
+    "reconstruction_loss": "model",
+    "residual_map": "model",
+    "DemoConfig": "pipeline",
+    "explain_files": "pipeline",
+    "run_demo": "pipeline",
+    "plot_explanation": "plots",
+    "plot_loss_curve": "plots",
+    "plot_overlay_grid": "plots",
+    "ShapleyResult": "sampling",
+    "exact_shapley": "sampling",
+    "shapley_values": "sampling",
+    "segment": "segmentation",
+    "segment_batch": "segmentation",
+    "TrainConfig": "training",
+    "train": "training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'shapjax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"shapjax.{module}"), name)
+  globals()[name] = value  # later lookups skip __getattr__
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+  from shapjax.attribution import attribute, attribute_batch
+  from shapjax.checkpoint import load, save
+  from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
+  from shapjax.distributed import DatasetAttribution, attribute_dataset, attribute_sharded, make_mesh
+  from shapjax.evaluation import evaluate
+  from shapjax.masking import heatmap, make_baseline, masked_value_fn
+  from shapjax.metrics import aupro, image_auroc, pixel_auroc
+  from shapjax.model import (AutoencoderConfig, AutoencoderParams, init_autoencoder, reconstruct,
+                             reconstruction_loss, residual_map)
+  from shapjax.pipeline import DemoConfig, explain_files, run_demo
+  from shapjax.plots import plot_explanation, plot_loss_curve, plot_overlay_grid
+  from shapjax.sampling import ShapleyResult, exact_shapley, shapley_values
+  from shapjax.segmentation import segment, segment_batch
+  from shapjax.training import TrainConfig, train

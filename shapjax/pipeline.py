@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from shapjax import attribution, checkpoint, data, model, plots, segmentation
-from shapjax.train import TrainConfig
-from shapjax.train import train as _train
+from shapjax.training import TrainConfig
+from shapjax.training import train as _train
 
 DEFAULT_EXPLAIN_N_PERM = 64
 

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import shapjax
-from shapjax.train import augment
-from shapjax.train import learning_rates
+from shapjax.training import augment
+from shapjax.training import learning_rates
 
 SHAPE = (32, 32, 1)
 
