@@ -29,7 +29,8 @@ from shapjax import data as data_lib
 from shapjax import evaluation
 
 ABLATION_MAPS = ("residual_x_shapley:constant", "residual_x_shapley:shuffled", "residual_x_shapley_norm:constant",
-                 "residual_x_shapley_norm:shuffled", "shapley_area:constant", "shapley_area:shuffled")
+                 "residual_x_shapley_norm:shuffled", "shapley_area:constant", "shapley_area:shuffled",
+                 *evaluation.POOLED_MAPS)
 
 
 def image_size_for(root: Path, *, pixels: int, stride: int) -> tuple[int, int]:
@@ -58,7 +59,7 @@ def trained_model(root: Path, checkpoint: Path, args) -> shapjax.AutoencoderPara
   train = shapjax.load_mvtec(root, split="train", image_size=(height, width))
   config = shapjax.TrainConfig(
       model=shapjax.AutoencoderConfig(image_shape=train.images.shape[1:], features=features,
-                                      latent_features=args.latent_features),
+                                      latent_features=args.latent_features, bottleneck=args.bottleneck),
       steps=args.steps, checkpoint_every=max(50, args.steps // 4))
   return shapjax.train(config, train.images, key=jax.random.key(args.seed), checkpoint_dir=checkpoint,
                        resume=True, progress=not args.quiet)
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
   parser.add_argument("--pixels", type=int, default=128 * 112, help="model input size in pixels")
   parser.add_argument("--features", default="8,16,32,64")
   parser.add_argument("--latent-features", type=int, default=16)
+  parser.add_argument("--bottleneck", default="conv", choices=("conv", "dense"))
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--maps", default=",".join(evaluation.DEFAULT_MAPS + ABLATION_MAPS))
   parser.add_argument("--n-perm", type=int, default=evaluation.DEFAULT_N_PERM)

@@ -30,6 +30,8 @@ class TorchAutoencoder(nn.Module):
     super().__init__()
     if config.decoder not in ("shuffle", "resize"):
       raise ValueError(f"no PyTorch twin for decoder={config.decoder!r}")
+    if config.bottleneck != "conv":
+      raise ValueError(f"no PyTorch twin for bottleneck={config.bottleneck!r}")
     self.config = config
     channels = config.image_shape[-1]
     self.encoder = nn.ModuleList()

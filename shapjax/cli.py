@@ -191,7 +191,7 @@ def _run_demo(args) -> int:
 # evaluate()'s defaults, spelled out so that building the parser imports no JAX (a test checks they agree).
 _EVALUATE_DEFAULTS = dict(maps=("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm"),
                           base_maps=("residual", "shapley", "shapley_area", "residual_x_shapley",
-                                     "residual_x_shapley_norm"),
+                                     "residual_x_shapley_norm", "pooled_residual", "residual_x_pooled_norm"),
                           n_perm=8, regions=(32,), baseline="reconstruction")
 
 

@@ -12,6 +12,14 @@ Every map is built from the same per-image parts, computed once and cached on di
 * ``residual_x_shapley_norm``: the residual map times the ``shapley_area`` map min-max normalised per image, so
   in every image the region that raises the loss most keeps its residual and the others are damped.
 
+Controls without Shapley values, on the same SLIC regions:
+
+* ``pooled_residual``: the residual averaged over each region (what ``shapley_area`` would be if the game were
+  additive: if every region's pixels only changed that region's own loss).
+* ``residual_x_pooled_norm``: ``residual_x_shapley_norm`` with ``pooled_residual`` in place of ``shapley_area``.
+
+A Shapley map that does not beat its pooled control only re-states the residual.
+
 Any Shapley map name takes an ablation suffix: ``":constant"`` replaces each image's region values by their
 mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
 not use the Shapley values.
@@ -38,7 +46,9 @@ import skimage.transform
 
 from shapjax import attribution, masking, metrics, model, sampling, segmentation
 
-BASE_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
+SHAPLEY_MAPS = ("shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
+POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
+BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS)
 """Names of the anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
 ABLATIONS = ("constant", "shuffled")
 DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
@@ -87,7 +97,7 @@ def _parse_map(name: str) -> tuple[str, str | None]:
   if base not in BASE_MAPS:
     raise ValueError(f"unknown map {name!r}; choose from {BASE_MAPS} (Shapley maps may end in "
                      f"{[':' + a for a in ABLATIONS]})")
-  if ablation and (ablation not in ABLATIONS or base == "residual"):
+  if ablation and (ablation not in ABLATIONS or base not in SHAPLEY_MAPS):
     raise ValueError(f"unknown ablation in {name!r}: Shapley maps take {[':' + a for a in ABLATIONS]}")
   return base, ablation or None
 
@@ -147,12 +157,17 @@ def _ablate(values: np.ndarray, n_regions: int, ablation: str | None, seed: int)
   return values
 
 
-def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, seed: int) -> np.ndarray:
+def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, seed: int,
+                pooled: bool = False) -> np.ndarray:
   maps = []
   for k in range(n_scales):
     labels = parts[f"labels_{k}"]
     n_regions = int(labels.max()) + 1
-    values = _ablate(parts[f"values_{k}"], n_regions, ablation, seed + k)
+    if pooled:  # each region's share of the image's residual: the Shapley values of an additive game
+      residual = np.asarray(parts["residual"], np.float64)
+      values = np.bincount(labels.ravel(), residual.ravel(), n_regions) / residual.sum()
+    else:
+      values = _ablate(parts[f"values_{k}"], n_regions, ablation, seed + k)
     if per_area:
       area = np.bincount(labels.ravel(), minlength=values.size).astype(np.float64)
       values = values * labels.size / np.maximum(area, 1.0)
@@ -180,10 +195,11 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   n_scales = len(settings.regions)
   if base == "shapley":
     return smooth(_region_map(parts, n_scales, per_area=False, ablation=ablation, seed=seed)).astype(np.float32)
-  density = smooth(_region_map(parts, n_scales, per_area=True, ablation=ablation, seed=seed))
-  if base == "shapley_area":
+  pooled = base in POOLED_MAPS
+  density = smooth(_region_map(parts, n_scales, per_area=True, ablation=ablation, seed=seed, pooled=pooled))
+  if base in ("shapley_area", "pooled_residual"):
     return density.astype(np.float32)
-  if base == "residual_x_shapley_norm":
+  if base in ("residual_x_shapley_norm", "residual_x_pooled_norm"):
     span = float(density.max() - density.min())
     gate = (density - density.min()) / span if span > 0 else np.ones_like(density)
     return (residual * gate).astype(np.float32)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 _DECODERS = ("shuffle", "resize", "transpose")
+_BOTTLENECKS = ("conv", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,12 @@ class AutoencoderConfig:
     image_shape: ``(H, W, C)`` the model is built and trained for. H and W need not be equal nor divisible
       by ``2 ** len(features)``: inputs are edge-padded up to a multiple and the output is cropped back.
     features: channels of the stride-2 encoder convolutions; the decoder mirrors them.
-    latent_features: channels of the 1x1 bottleneck at the lowest resolution.
+    latent_features: channels of the 1x1 bottleneck at the lowest resolution (``bottleneck="conv"``), or the
+      length of the global code (``bottleneck="dense"``).
+    bottleneck: ``"conv"``: a spatial code (each position sees only its receptive field, so reconstruction
+      errors stay local); ``"dense"``: one global code for the whole image (flatten, dense, dense, reshape, as in
+      Bergmann et al.'s SSIM autoencoder), so a defect anywhere changes the reconstruction everywhere. The
+      dense bottleneck ties the weights to ``image_shape``.
     decoder: ``"shuffle"`` (conv then depth-to-space), ``"resize"`` (nearest upsampling then conv) or
       ``"transpose"`` (transposed convolution).
   """
@@ -43,6 +49,7 @@ class AutoencoderConfig:
   features: tuple[int, ...] = (32, 64, 96, 128)
   latent_features: int = 32
   decoder: str = "shuffle"
+  bottleneck: str = "conv"
 
   def __post_init__(self):
     shape = tuple(int(s) for s in self.image_shape)
@@ -54,6 +61,8 @@ class AutoencoderConfig:
       raise ValueError(f"features must be a non-empty tuple of positive ints, got {self.features}")
     if self.decoder not in _DECODERS:
       raise ValueError(f"decoder must be one of {_DECODERS}, got {self.decoder!r}")
+    if self.bottleneck not in _BOTTLENECKS:
+      raise ValueError(f"bottleneck must be one of {_BOTTLENECKS}, got {self.bottleneck!r}")
 
   @classmethod
   def tiny(cls, image_shape: tuple[int, int, int] = (32, 32, 3)) -> "AutoencoderConfig":
@@ -97,7 +106,12 @@ class _Autoencoder(nn.Module):
     # Encoder: stride-2 3x3 convolutions.
     for features in cfg.features:
       x = nn.relu(nn.Conv(features, (3, 3), strides=2, padding="SAME")(x))
-    x = nn.relu(nn.Conv(cfg.latent_features, (1, 1))(x))
+    if cfg.bottleneck == "dense":
+      n, h, w, c = x.shape
+      code = nn.Dense(cfg.latent_features)(x.reshape(n, h * w * c))
+      x = nn.relu(nn.Dense(h * w * c)(code)).reshape(n, h, w, c)
+    else:
+      x = nn.relu(nn.Conv(cfg.latent_features, (1, 1))(x))
     # Decoder: back up to full resolution, mirroring the encoder's channels.
     outputs = list(cfg.features[-2::-1]) + [max(cfg.features[0] // 2, channels)]
     for features in outputs:
@@ -132,9 +146,11 @@ def _module(config: AutoencoderConfig) -> _Autoencoder:
 
 
 def _init_program(config: AutoencoderConfig, key: jax.Array) -> dict:
-  # The weights' shapes do not depend on the spatial size (the model is fully convolutional), so the smallest
+  # With the convolutional bottleneck the weights' shapes do not depend on the spatial size, so the smallest
   # input the strides allow is enough; its forward pass is dead code anyway.
-  dummy = jnp.zeros((1, config.stride, config.stride, config.image_shape[-1]), jnp.float32)
+  shape = config.image_shape if config.bottleneck == "dense" else (config.stride, config.stride,
+                                                                  config.image_shape[-1])
+  dummy = jnp.zeros((1, *shape), jnp.float32)
   return _module(config).init(key, dummy)["params"]
 
 
