@@ -163,9 +163,9 @@ def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, s
   for k in range(n_scales):
     labels = parts[f"labels_{k}"]
     n_regions = int(labels.max()) + 1
-    if pooled:  # each region's share of the image's residual: the Shapley values of an additive game
+    if pooled:  # the Shapley values of the additive game v(S) = mean residual over the pixels of S's regions
       residual = np.asarray(parts["residual"], np.float64)
-      values = np.bincount(labels.ravel(), residual.ravel(), n_regions) / residual.sum()
+      values = np.bincount(labels.ravel(), residual.ravel(), n_regions) / residual.size
     else:
       values = _ablate(parts[f"values_{k}"], n_regions, ablation, seed + k)
     if per_area:

@@ -161,17 +161,17 @@ def test_cli_defaults_agree_with_evaluate():
 
 
 def test_pooled_controls_equal_shapley_maps_of_an_additive_game():
-  # If each region's Shapley value were its share of the residual (an additive game), shapley_area and
-  # residual_x_shapley_norm would equal their pooled controls: the controls are what Shapley must beat.
+  # In the additive game v(S) = mean residual over the pixels of S's regions, each region's Shapley value is its
+  # residual sum over the image size; shapley_area and residual_x_shapley_norm then equal their pooled controls.
   parts = _parts()
   labels, residual = parts["labels_0"], parts["residual"]
-  parts["values_0"] = np.append(np.bincount(labels.ravel(), residual.ravel(), 3) / residual.sum(), 0.0)
+  parts["values_0"] = np.append(np.bincount(labels.ravel(), residual.ravel(), 3) / residual.size, 0.0)
   settings = evaluation.MapSettings(regions=(4,), sigma=0.0)
   for shapley, pooled in [("shapley_area", "pooled_residual"), ("residual_x_shapley_norm", "residual_x_pooled_norm")]:
     np.testing.assert_allclose(evaluation.anomaly_map(pooled, parts, settings=settings),
                                evaluation.anomaly_map(shapley, parts, settings=settings), rtol=1e-5)
   region_mean = np.asarray([residual[labels == i].mean() for i in range(3)])[labels]
   np.testing.assert_allclose(evaluation.anomaly_map("pooled_residual", parts, settings=settings),
-                             region_mean / residual.mean(), rtol=1e-6)
+                             region_mean, rtol=1e-6)
   with pytest.raises(ValueError, match="ablation"):
     evaluation.anomaly_map("pooled_residual:constant", parts, settings=settings)
