@@ -66,8 +66,8 @@ class MapSettings:
   Attributes:
     n_perm: permutations per image (even: antithetic pairs).
     regions: SLIC scales: one ``max_regions`` per scale; the Shapley maps average over them.
-    baseline: ``"reconstruction"`` (absent regions become the autoencoder's reconstruction of the image:
-      a defect-free look-alike), or any baseline of :func:`shapjax.attribute` (``"blur"``, ``"mean"``,
+    baseline: ``"reconstruction"`` (absent regions become the autoencoder's reconstruction of the image,
+      meant as a defect-free look-alike), or any baseline of :func:`shapjax.attribute` (``"blur"``, ``"mean"``,
       ``"zeros"``, a float).
     estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
       :func:`shapjax.shapley_values`).
@@ -135,7 +135,8 @@ def image_parts(params: model.AutoencoderParams, image: np.ndarray, *, settings:
   parts = {"residual": np.asarray(residual), "residual_seconds": np.float64(time.perf_counter() - start)}
   if shapley:
     start = time.perf_counter()
-    # The reconstruction is a defect-free look-alike of the image: absent regions look normal, not blurred.
+    # The reconstruction is meant as a defect-free look-alike (absent regions look normal, not blurred); the
+    # autoencoder partly copies a defect into it.
     baseline = reconstruction if settings.baseline == "reconstruction" else settings.baseline
     for k, max_regions in enumerate(settings.regions):
       labels = segmentation.segment(np.asarray(image), max_regions=max_regions)
