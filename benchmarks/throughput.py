@@ -310,6 +310,16 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   n_evals_shapjax = n_perm * (n_regions - 1) + 2
   n_evals_captum = 1 + n_perm * n_regions
   methods = [_Method("shapjax attribute", _jax_sync(run_shapjax), n_evals=n_evals_shapjax, kind="attribution")]
+  n_devices = jax.device_count()
+  if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
+    mesh = shapjax.make_mesh()
+
+    def run_sharded():
+      return shapjax.attribute_sharded(params, image, labels, n_perm, mesh=mesh, key=key, max_regions=max_regions,
+                                       batch_size=args.sharded_batch_size)
+
+    methods.insert(0, _Method(f"shapjax attribute_sharded ({n_devices} devices, batch {args.sharded_batch_size})",
+                              _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
   for bs in args.torch_batch_sizes:
     methods.append(_Method(f"torch sampler eager (batch {bs})", _torch_sync(lambda bs=bs: run_torch(module, bs),
                                                                               device),
@@ -330,6 +340,8 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   reference = np.asarray(run_shapjax().values)
   scale = float(np.abs(reference).max())
   agreement = {}
+  if n_devices > 1:
+    agreement["shapjax sharded"] = float(np.abs(np.asarray(run_sharded().values) - reference).max() / scale)
   for name, values in [
       ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
       ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
@@ -490,7 +502,14 @@ def main(argv=None) -> None:
   parser.add_argument("--child-compile-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--child-cache", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child-start", default="0", help=argparse.SUPPRESS)
+  parser.add_argument("--cpu-devices", type=int, default=0,
+                      help="on CPU: expose N devices of one thread each (XLA_FLAGS, set before jax starts) and add "
+                      "a shapjax attribute_sharded row over them")
+  parser.add_argument("--sharded-batch-size", type=int, default=32, help="batch_size of the attribute_sharded row")
   args = parser.parse_args(argv)
+  if args.cpu_devices > 0 and not args.child:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count="
+                               f"{args.cpu_devices} --xla_cpu_multi_thread_eigen=false").strip()
   if args.child == "rss":
     return _child_rss(args)
   if args.child == "cold":
