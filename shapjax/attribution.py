@@ -196,6 +196,7 @@ def attribute(
     estimator: str = sampling.DEFAULT_ESTIMATOR,
     tol: float | None = None,
     max_evals: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> sampling.ShapleyResult:
   """Shapley value of each superpixel for the autoencoder's reconstruction loss.
 
@@ -225,6 +226,10 @@ def attribute(
     tol: stop when ``max(stderr) < tol * (max(values) - min(values))`` over the image's regions, running
       blocks of ``n_perm`` units (one compiled program); None runs ``n_perm`` units once. Needs concrete labels.
     max_evals: evaluation budget with ``tol`` (default: 64 blocks); ``converged`` is False when it ran out.
+    mesh: split the permutations across the devices of this mesh (:func:`shapjax.attribute_sharded`; the
+      same values to float tolerance). On a CPU, one XLA device per core
+      (``XLA_FLAGS="--xla_force_host_platform_device_count=N --xla_cpu_multi_thread_eigen=false"``) is faster
+      than one multi-threaded device. Not combined with ``tol``.
 
   Returns:
     :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``.
@@ -244,6 +249,13 @@ def attribute(
   labels = _as_labels(labels, image.shape[:2], int(max_regions), batched=False)
   kind, array = _split_baseline(baseline, image.shape)
   sampling._check_stopping(tol, max_evals)
+  if mesh is not None:
+    if tol is not None:
+      raise ValueError("attribute: give either mesh or tol, not both")
+    from shapjax import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.attribute_sharded(params, image, labels, n_perm, mesh=mesh, key=key, baseline=baseline,
+                                         blur_sigma=blur_sigma, max_regions=max_regions, batch_size=batch_size,
+                                         estimator=estimator)
   if tol is not None:
     return _attribute_until(params, image, labels, _default_key(key), array, tol=tol, max_evals=max_evals,
                             n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),

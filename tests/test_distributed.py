@@ -118,6 +118,15 @@ def test_permutations_across_devices_equal_one_device(params, images, labels, me
   assert float(jnp.abs(sharded.values).sum()) > 0
 
 
+def test_attribute_with_a_mesh_is_attribute_sharded(params, images, labels, mesh):
+  key = jax.random.key(5)
+  via_attribute = shapjax.attribute(params, images[0], labels[0], 8, key=key, mesh=mesh, **OPTIONS)
+  sharded = shapjax.attribute_sharded(params, images[0], labels[0], 8, key=key, mesh=mesh, **OPTIONS)
+  np.testing.assert_array_equal(via_attribute.values, sharded.values)
+  with pytest.raises(ValueError, match="mesh or tol"):
+    shapjax.attribute(params, images[0], labels[0], 8, key=key, mesh=mesh, tol=0.1, **OPTIONS)
+
+
 def test_each_device_draws_only_its_own_permutations(params, images, labels, mesh):
   key = jax.random.key(5)
   image, label_map = jnp.asarray(images[1]), jnp.asarray(labels[1])
