@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
-import skimage.transform
 import sklearn.metrics
 
 import shapjax
@@ -51,8 +50,8 @@ def additivity(params, test, train_images, indices, *, regions: int, n_perm: int
     corr, auc_shapley, auc_pooled, auc_residual = [], [], [], []
     for i in indices:
       image, mask = jnp.asarray(test.images[i]), np.asarray(test.masks[i])
-      reconstruction = shapjax.reconstruct(params, image[None])[0]
-      residual = np.asarray(jnp.mean(jnp.square(reconstruction - image), axis=-1), np.float64)
+      reconstruction, residual = evaluation._reconstruct_one(params, image)
+      residual = np.asarray(residual, np.float64)
       baseline = {"reconstruction": reconstruction, "normal_mean": normal_mean}.get(name, name)
       labels = shapjax.segment(np.asarray(image), max_regions=regions)
       n = int(labels.max()) + 1
@@ -83,8 +82,7 @@ def oracle(test, *, regions: int, sigma: float) -> dict:
     fraction = np.bincount(labels.ravel(), np.asarray(mask, np.float64).ravel(), n) / np.bincount(labels.ravel(),
                                                                                                   minlength=n)
     small = _smooth(fraction[labels], sigma).astype(np.float32)
-    maps.append(skimage.transform.resize(small, full_mask.shape, order=1, mode="edge", anti_aliasing=False,
-                                         preserve_range=True))
+    maps.append(evaluation._upsample(small, full_mask.shape))
     masks.append(np.asarray(full_mask, bool))
   result = metrics.pixel_metrics(maps, masks)
   return {"pixel_auroc": float(result.pixel_auroc), "aupro": float(result.aupro), "images": len(maps)}

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
-import skimage.transform
 from PIL import Image
 
-from shapjax import evaluation, metrics
+from shapjax import data, evaluation, metrics
 
 
 def load_cached_split(root: Path, folder: Path) -> list[dict]:
@@ -29,13 +28,13 @@ def load_cached_split(root: Path, folder: Path) -> list[dict]:
   records = []
   for path in sorted(folder.glob("*.npz")):
     defect, _, rest = path.stem.partition("_")
-    stem = rest.rsplit("_", 1)[0]
+    image_path = next((root / "test" / defect).glob(rest.rsplit("_", 1)[0] + ".*"))
+    with Image.open(image_path) as image:
+      shape = image.size[::-1]
     if defect == "good":
-      with Image.open(next((root / "test" / "good").glob(stem + ".*"))) as image:
-        mask = np.zeros(image.size[::-1], bool)
+      mask = np.zeros(shape, bool)
     else:
-      with Image.open(root / "ground_truth" / defect / f"{stem}_mask.png") as image:
-        mask = np.asarray(image.convert("L")) > 127
+      mask = data._read_mask(data._find_mask(root, defect, image_path), shape, image_path)
     with np.load(path) as parts:
       if "labels_0" not in parts.files:
         raise ValueError(f"{path} holds no Shapley values: evaluate() ran with the residual map only")
@@ -43,15 +42,6 @@ def load_cached_split(root: Path, folder: Path) -> list[dict]:
   if not records:
     raise FileNotFoundError(f"no cached .npz files in {folder}")
   return records
-
-
-def _ablate(values: np.ndarray, ablation: str | None, seed: int) -> np.ndarray:
-  values = np.array(values, np.float64)
-  if ablation == "constant":
-    values[:] = values.mean()
-  elif ablation == "shuffled":
-    values = np.random.default_rng(seed).permutation(values)
-  return values
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -75,7 +65,7 @@ def region_values(record: dict, source: str, ablation: str | None, seed: int) ->
   area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
   residual = np.asarray(record["residual"], np.float64)
   if source == "shapley":
-    values = _ablate(record["values_0"][:n], ablation, seed)
+    values = evaluation._ablate(record["values_0"], n, ablation, seed)[:n]
   elif source == "pooled sum":
     values = np.bincount(labels.ravel(), residual.ravel(), n)
   else:  # pooled max: the Shapley values of a max game rank regions by this
@@ -87,8 +77,7 @@ def region_values(record: dict, source: str, ablation: str | None, seed: int) ->
 
 def score(maps: list[np.ndarray], records: list[dict]) -> dict:
   masks = [r["mask"] for r in records]
-  full = [skimage.transform.resize(m.astype(np.float32), k.shape, order=1, mode="edge", anti_aliasing=False,
-                                   preserve_range=True) for m, k in zip(maps, masks)]
+  full = [evaluation._upsample(m.astype(np.float32), k.shape) for m, k in zip(maps, masks)]
   pixel = metrics.pixel_metrics(full, masks)
   image = metrics.image_auroc([m.max() for m in maps], [r["type"] != "good" for r in records])
   return {"image_auroc": float(image), "pixel_auroc": float(pixel.pixel_auroc), "aupro": float(pixel.aupro)}

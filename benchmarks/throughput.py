@@ -503,8 +503,8 @@ def main(argv=None) -> None:
   parser.add_argument("--child-cache", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child-start", default="0", help=argparse.SUPPRESS)
   parser.add_argument("--cpu-devices", type=int, default=0,
-                      help="on CPU: expose N devices of one thread each (XLA_FLAGS, set before jax starts) and add "
-                      "a shapjax attribute_sharded row over them")
+                      help="on CPU: expose N devices of one thread each (XLA_FLAGS, set before jax starts, for the "
+                      "whole run and its child processes) and add a shapjax attribute_sharded row over them")
   parser.add_argument("--sharded-batch-size", type=int, default=32, help="batch_size of the attribute_sharded row")
   args = parser.parse_args(argv)
   if args.cpu_devices > 0 and not args.child:

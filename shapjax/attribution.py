@@ -243,19 +243,19 @@ def attribute(
     >>> result.values.shape
     (8,)
   """
-  model._check_params(params)
-  _check_options(n_perm, max_regions, batch_size, estimator)
-  image = _as_image(image, params.config, batched=False)
-  labels = _as_labels(labels, image.shape[:2], int(max_regions), batched=False)
-  kind, array = _split_baseline(baseline, image.shape)
-  sampling._check_stopping(tol, max_evals)
-  if mesh is not None:
+  if mesh is not None:  # attribute_sharded checks the inputs as below
     if tol is not None:
       raise ValueError("attribute: give either mesh or tol, not both")
     from shapjax import distributed  # pylint: disable=g-import-not-at-top
     return distributed.attribute_sharded(params, image, labels, n_perm, mesh=mesh, key=key, baseline=baseline,
                                          blur_sigma=blur_sigma, max_regions=max_regions, batch_size=batch_size,
                                          estimator=estimator)
+  model._check_params(params)
+  _check_options(n_perm, max_regions, batch_size, estimator)
+  image = _as_image(image, params.config, batched=False)
+  labels = _as_labels(labels, image.shape[:2], int(max_regions), batched=False)
+  kind, array = _split_baseline(baseline, image.shape)
+  sampling._check_stopping(tol, max_evals)
   if tol is not None:
     return _attribute_until(params, image, labels, _default_key(key), array, tol=tol, max_evals=max_evals,
                             n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),

@@ -155,18 +155,18 @@ def _init_program(config: AutoencoderConfig, key: jax.Array) -> dict:
 
 
 @functools.cache
-def _jitted_init(backend: str):
+def _jitted_init(unoptimised: bool):
   # Initialisation runs once and is tiny, but its PRNG kernels (threefry, erf_inv for the truncated normals) take
-  # ~7 s of LLVM optimisation on CPU. Without backend optimisation it compiles in ~2 s and runs in ~0.1 s; only
-  # the CPU backend is given that option (other backends compile it quickly and may not know the flag).
-  options = {"xla_backend_optimization_level": 0} if backend == "cpu" else None
+  # ~7 s of LLVM optimisation on CPU. Without backend optimisation it compiles in ~2 s and runs in ~0.1 s. Only a
+  # top-level call on the CPU backend gets that option: other backends compile it quickly and may not know the
+  # flag, and compiler options are refused on a jit nested in eval_shape or a user's jit.
+  options = {"xla_backend_optimization_level": 0} if unoptimised else None
   return jax.jit(_init_program, static_argnums=0, compiler_options=options)
 
 
 def _init_weights(config: AutoencoderConfig, key: jax.Array) -> dict:
-  if isinstance(key, jax.core.Tracer):  # inside eval_shape or a user's jit: compiler options are top-level only
-    return _jitted_init("traced")(config, key)
-  return _jitted_init(jax.default_backend())(config, key)
+  top_level_on_cpu = not isinstance(key, jax.core.Tracer) and jax.default_backend() == "cpu"
+  return _jitted_init(top_level_on_cpu)(config, key)
 
 
 def init_autoencoder(
