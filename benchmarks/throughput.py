@@ -56,12 +56,13 @@ def _child_rss(args) -> None:
   params = shapjax.init_autoencoder((size, size, 3), key=jax.random.key(0))
   image = _make_image(size)
   labels = _make_labels(image, max_regions)
-  from shapjax import attribution
+  from shapjax import attribution, sampling
 
   # What XLA plans to allocate for the program (temporaries), before anything runs.
   compiled = attribution._attribute_jit.lower(
       params, jax.numpy.asarray(image), jax.numpy.asarray(labels), jax.random.key(1), None, n_perm=n_perm,
-      max_regions=max_regions, batch_size=args.batch_size, estimator="antithetic", baseline_kind="blur",
+      max_regions=max_regions, batch_size=sampling.default_batch_size(args.batch_size),
+      estimator="antithetic", baseline_kind="blur",
       blur_sigma=4.0).compile()
   analysis = compiled.memory_analysis()
   temp_mib = getattr(analysis, "temp_size_in_bytes", float("nan")) / 2 ** 20 if analysis else float("nan")
@@ -280,7 +281,7 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
 
   import shapjax
   from benchmarks import torch_reference
-  from shapjax import masking
+  from shapjax import masking, sampling
 
   key = jax.random.key(1)
   n_perm, max_regions = args.n_perm, args.regions
@@ -292,9 +293,12 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   t_ranks = torch.as_tensor(ranks, device=device)
   orders = torch_reference.permutation_orders(ranks, n_regions)
 
+  batch_size = args.batch_size
+  sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
+
   def run_shapjax():
     return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
-                             batch_size=args.batch_size)
+                             batch_size=batch_size)
 
   def loss_of(net):
     return lambda x: torch_reference.reconstruction_loss(net, x)
@@ -309,16 +313,17 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
 
   n_evals_shapjax = n_perm * (n_regions - 1) + 2
   n_evals_captum = 1 + n_perm * n_regions
-  methods = [_Method("shapjax attribute", _jax_sync(run_shapjax), n_evals=n_evals_shapjax, kind="attribution")]
+  methods = [_Method(f"shapjax attribute (1 device, batch {batch_size})", _jax_sync(run_shapjax),
+                     n_evals=n_evals_shapjax, kind="attribution")]
   n_devices = jax.device_count()
   if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
     mesh = shapjax.make_mesh()
 
     def run_sharded():
-      return shapjax.attribute_sharded(params, image, labels, n_perm, mesh=mesh, key=key, max_regions=max_regions,
-                                       batch_size=args.sharded_batch_size)
+      return shapjax.attribute(params, image, labels, n_perm, mesh=mesh, key=key, max_regions=max_regions,
+                               batch_size=sharded_batch_size)
 
-    methods.insert(0, _Method(f"shapjax attribute_sharded ({n_devices} devices, batch {args.sharded_batch_size})",
+    methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
                               _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
   for bs in args.torch_batch_sizes:
     methods.append(_Method(f"torch sampler eager (batch {bs})", _torch_sync(lambda bs=bs: run_torch(module, bs),
@@ -419,19 +424,23 @@ def train_section(args, params, image, device) -> list:
   return methods
 
 
+def _child_shape_args(args) -> list[str]:
+  batch = [] if args.batch_size is None else ["--batch-size", str(args.batch_size)]
+  return ["--size", str(args.size), "--regions", str(args.regions), *batch]
+
+
 def memory_section(args) -> list:
   results = []
   for n_perm in args.rss_n_perm:
     command = [sys.executable, os.path.abspath(__file__), "--child", "rss", "--child-n-perm", str(n_perm),
-               "--size", str(args.size), "--regions", str(args.regions), "--batch-size", str(args.batch_size)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+               *_child_shape_args(args)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=args.child_env)
     results.append(json.loads(out.stdout.strip().splitlines()[-1]))
   # XLA's planned temporaries for the big n_perm the issue asks about, without running it.
   for n_perm in sorted({100, 2000} - set(args.rss_n_perm)):
     command = [sys.executable, os.path.abspath(__file__), "--child", "rss", "--child-n-perm", str(n_perm),
-               "--size", str(args.size), "--regions", str(args.regions), "--batch-size", str(args.batch_size),
-               "--child-compile-only"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+               *_child_shape_args(args), "--child-compile-only"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=args.child_env)
     results.append(json.loads(out.stdout.strip().splitlines()[-1]))
   return results
 
@@ -441,9 +450,8 @@ def cold_start_section(args) -> list:
   with tempfile.TemporaryDirectory() as cache:
     for label, cache_dir in [("no cache", ""), ("cache, first run (cold)", cache), ("cache, warm", cache)]:
       command = [sys.executable, os.path.abspath(__file__), "--child", "cold", "--child-n-perm", "2",
-                 "--size", str(args.size), "--regions", str(args.regions), "--batch-size", str(args.batch_size),
-                 "--child-cache", cache_dir, "--child-start", repr(time.time())]
-      out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+                 *_child_shape_args(args), "--child-cache", cache_dir, "--child-start", repr(time.time())]
+      out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=args.child_env)
       marks = json.loads(out.stdout.strip().splitlines()[-1])
       marks["run"] = label
       results.append(marks)
@@ -486,7 +494,9 @@ def main(argv=None) -> None:
   parser.add_argument("--size", type=int, default=128, help="image side (square, 3 channels)")
   parser.add_argument("--regions", type=int, default=64, help="max_regions (SLIC regions, padded)")
   parser.add_argument("--n-perm", type=int, default=None, help="permutations per attribution")
-  parser.add_argument("--batch-size", type=int, default=64, help="shapjax batch_size (composites per call)")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="shapjax batch_size (composites per call; default: shapjax's, 16 on CPU, 64 elsewhere)")
+  parser.add_argument("--torch-batch-sizes", default="16,64", help="batch sizes of the hand-batched torch sampler")
   parser.add_argument("--rounds", type=int, default=None, help="steady-state rounds per method")
   parser.add_argument("--sections", default="forward,attribution,train,memory,cold",
                       help="comma-separated subset of forward,attribution,train,memory,cold")
@@ -503,13 +513,15 @@ def main(argv=None) -> None:
   parser.add_argument("--child-cache", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child-start", default="0", help=argparse.SUPPRESS)
   parser.add_argument("--cpu-devices", type=int, default=0,
-                      help="on CPU: expose N devices of one thread each (XLA_FLAGS, set before jax starts, for the "
-                      "whole run and its child processes) and add a shapjax attribute_sharded row over them")
-  parser.add_argument("--sharded-batch-size", type=int, default=32, help="batch_size of the attribute_sharded row")
+                      help="on CPU: shapjax.use_cpu_devices(N) (N devices of one thread each; child processes keep "
+                      "the default single device) and add a row for attribute(mesh=make_mesh()) over them")
+  parser.add_argument("--sharded-batch-size", type=int, default=None,
+                      help="batch_size per device of the mesh row (default: shapjax's)")
   args = parser.parse_args(argv)
+  args.child_env = dict(os.environ)
   if args.cpu_devices > 0 and not args.child:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count="
-                               f"{args.cpu_devices} --xla_cpu_multi_thread_eigen=false").strip()
+    import shapjax
+    shapjax.use_cpu_devices(args.cpu_devices)
   if args.child == "rss":
     return _child_rss(args)
   if args.child == "cold":
@@ -517,7 +529,7 @@ def main(argv=None) -> None:
 
   args.rounds = args.rounds or (2 if args.quick else 4)
   args.n_perm = args.n_perm or (8 if args.quick else 16)
-  args.torch_batch_sizes = [args.batch_size]
+  args.torch_batch_sizes = [int(n) for n in args.torch_batch_sizes.split(",")]
   args.captum_ppe = [int(n) for n in (args.captum_ppe or ("64" if args.quick else "16,64")).split(",")]
   args.rss_n_perm = [int(n) for n in (args.rss_n_perm or ("100,400" if args.quick else "100,2000")).split(",")]
   args.train_batch = 8 if args.quick else 16
@@ -531,9 +543,11 @@ def main(argv=None) -> None:
 
   import shapjax
   from benchmarks import torch_reference
+  from shapjax import sampling
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   backend = jax.default_backend()
+  args.batch_size = sampling.default_batch_size(args.batch_size)
   report = {
       "command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/throughput.py", *sys.argv[1:]]),
       "jax_backend": backend, "jax_devices": [str(d) for d in jax.devices()], "torch_device": str(device),

@@ -23,6 +23,7 @@ _EXPORTS = {
     "attribute_dataset": "distributed",
     "attribute_sharded": "distributed",
     "make_mesh": "distributed",
+    "use_cpu_devices": "distributed",
     "evaluate": "evaluation",
     "heatmap": "masking",
     "make_baseline": "masking",
@@ -71,7 +72,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.attribution import attribute, attribute_batch
   from shapjax.checkpoint import load, save
   from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
-  from shapjax.distributed import DatasetAttribution, attribute_dataset, attribute_sharded, make_mesh
+  from shapjax.distributed import (DatasetAttribution, attribute_dataset, attribute_sharded, make_mesh,
+                                    use_cpu_devices)
   from shapjax.evaluation import evaluate
   from shapjax.masking import heatmap, make_baseline, masked_value_fn
   from shapjax.metrics import aupro, image_auroc, pixel_auroc

@@ -43,6 +43,50 @@ DEFAULT_AXIS = "devices"
 DEFAULT_DATASET_BATCH = 16
 
 
+def use_cpu_devices(n_devices: int | None = None) -> int:
+  """Splits the host CPU into ``n_devices`` JAX devices that run one thread each: the fast way to use a CPU.
+
+  XLA's CPU convolutions hardly use a second core, so one CPU device leaves most of a multi-core machine idle.
+  One single-threaded device per core, and a mesh over them, keeps every core busy on its own share of the
+  permutations (``shapjax.attribute(..., mesh=shapjax.make_mesh())``) or of the images
+  (:func:`attribute_dataset`, ``attribute_batch(..., mesh=...)``); ``benchmarks/README.md`` has the numbers.
+  It sets ``jax_num_cpu_devices`` and adds ``--xla_cpu_multi_thread_eigen=false`` to ``XLA_FLAGS``, so it must
+  run before JAX starts its backends, i.e. before the first JAX computation of the process.
+
+  Args:
+    n_devices: number of CPU devices; defaults to the cores this process may run on.
+
+  Returns:
+    The number of CPU devices.
+
+  Raises:
+    RuntimeError: JAX's backends are already running (with a different device count).
+
+  Example (in a fresh process, before any JAX computation):
+    >>> import shapjax
+    >>> shapjax.use_cpu_devices(2)  # doctest: +SKIP
+    2
+  """
+  import os  # pylint: disable=g-import-not-at-top
+
+  if n_devices is None:
+    n_devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  if not isinstance(n_devices, (int, np.integer)) or n_devices < 1:
+    raise ValueError(f"n_devices must be a positive int, got {n_devices!r}")
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n_devices))
+  except RuntimeError as error:
+    raise RuntimeError(
+        f"shapjax.use_cpu_devices({n_devices}) must be called before JAX starts its backends (before the first JAX "
+        f"computation of the process); this process already has {jax.local_device_count('cpu')} CPU "
+        f"device(s)") from error
+  flag = "--xla_cpu_multi_thread_eigen=false"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags.split():
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+  return int(n_devices)
+
+
 def make_mesh(n_devices: int | None = None, *, devices: Sequence[jax.Device] | None = None,
               axis_name: str = DEFAULT_AXIS) -> Mesh:
   """A one-axis mesh over the devices (all of them, of every host, by default).
@@ -240,7 +284,7 @@ def attribute_sharded(
     baseline: str | float | ArrayLike = masking.DEFAULT_BASELINE,
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
-    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     estimator: str = sampling.DEFAULT_ESTIMATOR,
 ) -> sampling.ShapleyResult:
   """:func:`shapjax.attribute` for one large image, with the permutations split across the devices of ``mesh``.
@@ -262,7 +306,7 @@ def attribute_sharded(
     baseline: as in :func:`shapjax.attribute`.
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
     max_regions: number of players.
-    batch_size: composites per autoencoder call on each device.
+    batch_size: composites per autoencoder call on each device (default: 16 on CPU, 64 elsewhere).
     estimator: ``"antithetic"``, ``"permutation"``, ``"stratified"`` or ``"kernel"``.
 
   Returns:
@@ -281,6 +325,7 @@ def attribute_sharded(
   """
   mesh = _check_mesh(mesh)
   model._check_params(params)
+  batch_size = sampling.default_batch_size(batch_size)
   attribution._check_options(n_perm, max_regions, batch_size, estimator)
   image = attribution._as_image(image, params.config, batched=False)
   labels = attribution._as_labels(labels, image.shape[:2], int(max_regions), batched=False)
@@ -358,7 +403,7 @@ def attribute_dataset(
     progress: bool = True,
     baseline: str | float | ArrayLike = masking.DEFAULT_BASELINE,
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
-    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     estimator: str = sampling.DEFAULT_ESTIMATOR,
     n_workers: int | None = None,
     segment_options: dict | None = None,
@@ -391,7 +436,7 @@ def attribute_dataset(
     baseline: as in :func:`shapjax.attribute` (``"blur"``, ``"mean"``, ``"zeros"``, a float, or one
       ``f32[H, W, C]`` array for all images).
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
-    batch_size: composites per autoencoder call.
+    batch_size: composites per autoencoder call (default: 16 on CPU, 64 elsewhere).
     estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
       :func:`shapjax.shapley_values`).
     n_workers: segmentation threads (default: the CPU count).
@@ -412,6 +457,7 @@ def attribute_dataset(
   from tqdm.auto import tqdm  # only here: importing the library should not import tqdm
 
   model._check_params(params)
+  batch_size = sampling.default_batch_size(batch_size)
   attribution._check_options(n_perm, max_regions, batch_size, estimator)
   if not isinstance(batch, (int, np.integer)) or batch < 1:
     raise ValueError(f"batch must be a positive int, got {batch!r}")

@@ -7,8 +7,14 @@ dataclass whose configuration is static metadata, so ``attribute(params, image, 
 and a changed configuration is a new compiled program rather than a silent mismatch.
 
 Decoder: each upsampling step is a 3x3 convolution at the low resolution followed by depth-to-space (pixel
-shuffle). On CPU, XLA's transposed convolution ran several times slower per FLOP than an ordinary convolution;
-``benchmarks/decoder.py`` measures the options.
+shuffle). On CPU, XLA's transposed convolution ran several times slower per FLOP than an ordinary convolution.
+
+The output convolution of the shuffle decoder (3x3, a few channels out, at full resolution) is the same layer
+with the same weights, but computed without ever building the full-resolution input: a 2x2 convolution on the
+last low-resolution tensor yields the four output phases (sub-pixel positions) at once, and the loss compares
+them with the space-to-depth of the image. On CPU a full-resolution convolution with 3 output channels ran at
+a tenth of the speed of the other layers, and the depth-to-space copy before it cost as much again
+(``benchmarks/README.md``, log).
 """
 
 from __future__ import annotations
@@ -86,17 +92,74 @@ class AutoencoderConfig:
 
 
 def _depth_to_space(x: jax.Array, block: int) -> jax.Array:
+  """``[N, h, w, b*b*C] -> [N, b*h, b*w, C]``; channel ``(i*b + j)*C + c`` goes to sub-pixel ``(i, j)``."""
   n, h, w, c = x.shape
   x = x.reshape(n, h, w, block, block, c // (block * block))
   x = x.transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(n, h * block, w * block, c // (block * block))
 
 
+def _space_to_depth(x: jax.Array, block: int) -> jax.Array:
+  """The inverse of :func:`_depth_to_space`: ``[N, b*h, b*w, C] -> [N, h, w, b*b*C]``."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // block, block, w // block, block, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h // block, w // block, block * block * c)
+
+
+def _corner_taps() -> np.ndarray:
+  """``T[s, alpha, a, d]``: which full-resolution tap ``d - 1`` a 2x2 corner window position ``s`` holds.
+
+  Output sub-pixel ``a`` of low-resolution row ``i`` is read from corner ``i + a``, whose 2x2 window covers
+  low-resolution rows ``i + a - 1`` and ``i + a``; input sub-pixel ``alpha`` of window row ``s`` lies
+  ``2 * (s - 1 + a) + alpha - a`` full-resolution rows from the output pixel.
+  """
+  taps = np.zeros((2, 2, 2, 3), np.float32)
+  for s in range(2):
+    for alpha in range(2):
+      for a in range(2):
+        d = 2 * s - 2 + a + alpha
+        if -1 <= d <= 1:
+          taps[s, alpha, a, d + 1] = 1.0
+  return taps
+
+
+class _PhaseOutputConv(nn.Module):
+  """A 3x3 'SAME' convolution of ``depth_to_space(y)``, returned as the space-to-depth of its output.
+
+  Same parameters (names, shapes, initialisers) as ``nn.Conv(features, (3, 3))`` applied at full resolution,
+  so checkpoints and initial weights are unchanged; only the arithmetic is regrouped.
+
+  Input ``y``: ``f32[N, h, w, 4 * C]`` (before depth-to-space). Output: ``f32[N, h, w, 4 * features]``,
+  channel ``(2a + b) * features + c`` being output channel ``c`` at full-resolution pixel ``(2i + a, 2j + b)``.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, y: jax.Array) -> jax.Array:
+    n, h, w, channels4 = y.shape
+    channels = channels4 // 4
+    kernel = self.param("kernel", nn.linear.default_kernel_init, (3, 3, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    taps = jnp.asarray(_corner_taps())
+    # [s, t, (alpha, beta, cin), (a, b, cout)]: a 2x2 kernel that produces all four output phases.
+    corner_kernel = jnp.einsum("sAad,tBbe,deic->stABiabc", taps, taps, kernel).reshape(
+        2, 2, 4 * channels, 4 * self.features)
+    corners = jax.lax.conv_general_dilated(
+        jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0))), corner_kernel, (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [N, h + 1, w + 1, 4 * features]
+    f = self.features
+    phases = [corners[:, a:a + h, b:b + w, (2 * a + b) * f:(2 * a + b + 1) * f] for a in range(2) for b in range(2)]
+    return jnp.concatenate(phases, axis=-1) + jnp.tile(bias, 4).reshape(1, 1, 1, 4 * f)
+
+
 class _Autoencoder(nn.Module):
   config: AutoencoderConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, phases: bool = False) -> jax.Array:
+    """Reconstruction ``f32[N, H, W, C]``; with ``phases`` (shuffle decoder, even H and W) its space-to-depth
+    ``f32[N, H/2, W/2, 4C]``."""
     cfg = self.config
     _, height, width, channels = x.shape
     pad_h = -height % cfg.stride
@@ -114,10 +177,22 @@ class _Autoencoder(nn.Module):
       x = nn.relu(nn.Conv(cfg.latent_features, (1, 1))(x))
     # Decoder: back up to full resolution, mirroring the encoder's channels.
     outputs = list(cfg.features[-2::-1]) + [max(cfg.features[0] // 2, channels)]
+    if cfg.decoder == "shuffle":
+      for features in outputs[:-1]:
+        x = nn.relu(_depth_to_space(nn.Conv(4 * features, (3, 3), padding="SAME")(x), 2))
+      x = nn.relu(nn.Conv(4 * outputs[-1], (3, 3), padding="SAME")(x))
+      # The output layer keeps nn.Conv's auto-name (Conv_<n>), so the params tree is the same as a plain conv's.
+      n_convs = 2 * len(cfg.features) + (cfg.bottleneck == "conv")
+      x = nn.sigmoid(_PhaseOutputConv(channels, name=f"Conv_{n_convs}")(x))
+      if phases:
+        if height % 2 or width % 2:
+          raise ValueError(f"phases=True needs even height and width, got {height}x{width}")
+        return x[:, :height // 2, :width // 2, :]
+      return _depth_to_space(x, 2)[:, :height, :width, :]
+    if phases:
+      raise ValueError(f"phases=True needs the shuffle decoder, got decoder={cfg.decoder!r}")
     for features in outputs:
-      if cfg.decoder == "shuffle":
-        x = _depth_to_space(nn.Conv(4 * features, (3, 3), padding="SAME")(x), 2)
-      elif cfg.decoder == "resize":
+      if cfg.decoder == "resize":
         n, h, w, c = x.shape
         x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="nearest")
         x = nn.Conv(features, (3, 3), padding="SAME")(x)
@@ -251,7 +326,13 @@ def reconstruction_loss(params: AutoencoderParams, images: ArrayLike) -> jax.Arr
   Returns:
     ``f32[N]``.
   """
+  _check_params(params)
   images = jnp.asarray(images, jnp.float32)
+  height, width = images.shape[1:3]
+  if params.config.decoder == "shuffle" and height % 2 == 0 and width % 2 == 0:
+    # Compared sub-pixel phase by phase: the same mean, without the full-resolution depth-to-space.
+    phases = _module(params.config).apply({"params": params.weights}, images, phases=True)
+    return jnp.mean(jnp.square(phases - _space_to_depth(images, 2)), axis=(1, 2, 3))
   return jnp.mean(jnp.square(reconstruct(params, images) - images), axis=(1, 2, 3))
 
 

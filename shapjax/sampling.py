@@ -44,7 +44,8 @@ ValueFn = Callable[[jax.Array], jax.Array]
 
 ESTIMATORS = ("permutation", "antithetic", "stratified", "kernel")
 DEFAULT_ESTIMATOR = "antithetic"
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 64  # coalitions per value-function call on GPU/TPU (and inside the traceable internals)
+CPU_BATCH_SIZE = 16  # on CPU: the autoencoder's activations stay in cache (benchmarks/README.md, log)
 STRATIFIED_SHIFTS = 8
 STRATIFIED_GROUP = 2 * STRATIFIED_SHIFTS  # permutations per stratified replicate: shifts and their reverses
 KERNEL_GROUPS = 32  # jackknife groups of the kernel estimator: unit i falls in group i % KERNEL_GROUPS
@@ -82,6 +83,13 @@ class ShapleyResult:
   stderr: jax.Array
   n_evals: jax.Array
   converged: jax.Array
+
+
+def default_batch_size(batch_size: int | None = None):
+  """``batch_size`` itself, or when None the default for JAX's default backend: 16 on CPU, 64 elsewhere."""
+  if batch_size is not None:
+    return batch_size
+  return CPU_BATCH_SIZE if jax.default_backend() == "cpu" else DEFAULT_BATCH_SIZE
 
 
 def _check_counts(n_players: int, n_perm: int, batch_size: int, estimator: str) -> None:
@@ -494,7 +502,7 @@ def shapley_values(
     n_perm: int,
     *,
     key: jax.Array,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
     player_mask=None,
     tol: float | None = None,
@@ -526,7 +534,8 @@ def shapley_values(
       ``"antithetic"``, a multiple of 16 for ``"stratified"``.
     key: PRNG key; unit ``i`` comes from ``fold_in(key, i)`` (pair ``i // 2`` for antithetic, group ``i // 16``
       for stratified).
-    batch_size: coalitions per ``value_fn`` call: bounds peak memory, does not change the sample.
+    batch_size: coalitions per ``value_fn`` call: bounds peak memory, does not change the sample (default:
+      :func:`default_batch_size`).
     estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (module docstring).
     player_mask: optional ``bool[n_players]``; False marks null players (padding) that get exactly 0.
     tol: relative tolerance on the largest standard error; None runs ``n_perm`` units once.
@@ -543,6 +552,7 @@ def shapley_values(
     >>> [round(float(v), 4) for v in result.values]
     [0.0, 1.0, 2.0, 3.0]
   """
+  batch_size = default_batch_size(batch_size)
   _check_counts(n_players, n_perm, batch_size, estimator)
   _check_stopping(tol, max_evals)
   n_players, n_perm, batch_size = int(n_players), int(n_perm), int(batch_size)

@@ -207,3 +207,31 @@ def test_dataset_errors(params, images):
     shapjax.attribute_dataset(params, [], 2, progress=False, max_regions=4)
   with pytest.raises(ValueError, match="batch"):
     shapjax.attribute_dataset(params, images, 2, batch=0, progress=False, max_regions=4)
+
+
+def test_use_cpu_devices_in_a_fresh_process_gives_single_threaded_devices(tmp_path):
+  import os
+  import subprocess
+  import sys
+  script = tmp_path / "devices.py"
+  script.write_text(
+      "import os, jax, shapjax\n"
+      "n = shapjax.use_cpu_devices(3)\n"
+      "print(n, jax.device_count(), jax.default_backend(), '--xla_cpu_multi_thread_eigen=false' in "
+      "os.environ['XLA_FLAGS'].split())\n"
+      "shapjax.use_cpu_devices(3)  # the same count again is fine\n"
+      "try:\n"
+      "  shapjax.use_cpu_devices(2)\n"
+      "except RuntimeError as e:\n"
+      "  print('refused:', e)\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr
+  first, second = out.stdout.strip().splitlines()
+  assert first == "3 3 cpu True"
+  assert "before JAX starts its backends" in second and "already has 3 CPU device(s)" in second
+
+
+def test_use_cpu_devices_checks_its_argument():
+  with pytest.raises(ValueError, match="n_devices"):
+    shapjax.use_cpu_devices(0)
