@@ -377,21 +377,29 @@ def train_section(args, params, image, device) -> list:
   def loss_fn(weights, x):
     return jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(weights, params.config), x))
 
-  @jax.jit
-  def step(weights, opt_state, x):
-    loss, grads = jax.value_and_grad(loss_fn)(weights, x)
-    updates, opt_state = optimizer.update(grads, opt_state, weights)
-    return optax.apply_updates(weights, updates), opt_state, loss
+  def make_step(batch_sharding=None):
+    @jax.jit
+    def step(weights, opt_state, x):
+      if batch_sharding is not None:  # data parallel, as shapjax.train(..., mesh=...) does
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      loss, grads = jax.value_and_grad(loss_fn)(weights, x)
+      updates, opt_state = optimizer.update(grads, opt_state, weights)
+      return optax.apply_updates(weights, updates), opt_state, loss
+    return step
 
-  state = {"jax": (params.weights, optimizer.init(params.weights))}
-  jimages = jnp.asarray(images)
+  def jax_stepper(name, step, weights, x):
+    state = {name: (weights, optimizer.init(weights))}
 
-  def jax_steps():
-    weights, opt_state = state["jax"]
-    for _ in range(args.train_steps):
-      weights, opt_state, loss = step(weights, opt_state, jimages)
-    jax.block_until_ready(loss)
-    state["jax"] = (weights, opt_state)
+    def run():
+      weights, opt_state = state[name]
+      for _ in range(args.train_steps):
+        weights, opt_state, loss = step(weights, opt_state, x)
+      jax.block_until_ready(loss)
+      state[name] = (weights, opt_state)
+
+    return run
+
+  jax_steps = jax_stepper("jax", make_step(), params.weights, jnp.asarray(images))
 
   timages = torch_reference.to_nchw(images, device)
 
@@ -415,7 +423,18 @@ def train_section(args, params, image, device) -> list:
 
     return run
 
+  mesh_rows = []
+  if jax.device_count() > 1 and batch % jax.device_count() == 0:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    mesh = shapjax.make_mesh()
+    replicated = NamedSharding(mesh, P())
+    mesh_steps = jax_stepper("mesh", make_step(NamedSharding(mesh, P(mesh.axis_names))),
+                             jax.device_put(params.weights, replicated), jax.device_put(jnp.asarray(images), replicated))
+    mesh_rows = [_Method(f"optax, batch split over a mesh of {mesh.size} devices", mesh_steps,
+                         n_evals=args.train_steps, kind="train")]
   methods = [
+      *mesh_rows,
       _Method("optax (jax jit)", jax_steps, n_evals=args.train_steps, kind="train"),
       _Method("torch eager", _torch_sync(torch_stepper(False), device), n_evals=args.train_steps, kind="train"),
       _Method("torch.compile", _torch_sync(torch_stepper(True), device), n_evals=args.train_steps, kind="train"),

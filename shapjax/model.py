@@ -124,6 +124,73 @@ def _corner_taps() -> np.ndarray:
   return taps
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _weight_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads) -> jax.Array:
+  """Kernel gradient of an NHWC convolution as one matrix product per tap: ``(dy^T x_shifted)^T``."""
+  kh, kw, _, _ = kernel_shape
+  ho, wo = dy.shape[1:3]
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  sh, sw = strides
+  taps = jnp.stack([
+      jnp.einsum("nhwd,nhwc->dc", dy, x[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw])
+      for a in range(kh) for b in range(kw)])  # [kh * kw, out, in]
+  return taps.transpose(0, 2, 1).reshape(kernel_shape)
+
+
+def _taps_are_faster(kernel_shape, strides) -> bool:  # pylint: disable=unused-argument
+  # XLA:CPU computes a kernel gradient as a convolution whose window is the whole feature map; one matrix
+  # product per tap ran 1.0-2.4x as fast for every layer of the default model (benchmarks/README.md, log).
+  # Other backends keep XLA's own.
+  return jax.default_backend() == "cpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: tuple) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+def _conv_fwd(x, kernel, strides, pads):
+  return _conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_bwd(strides, pads, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: jax.lax.conv_general_dilated(x_, kernel, strides, pads, dimension_numbers=_NHWC),
+                         x)
+  (dx,) = input_vjp(dy)
+  if _taps_are_faster(kernel.shape, strides):
+    dkernel = _weight_grad_by_taps(x, dy, kernel.shape, strides, pads)
+  else:
+    _, kernel_vjp = jax.vjp(
+        lambda k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_NHWC), kernel)
+    (dkernel,) = kernel_vjp(dy)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None):
+  """``nn.Conv``'s convolution with a faster kernel gradient on CPU (a drop-in for ``lax.conv_general_dilated``)."""
+  plain = (lhs.ndim == 4 and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+           and feature_group_count == 1 and precision is None)
+  if not plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+
+
+def _Conv(features: int, kernel_size, **options) -> nn.Conv:  # pylint: disable=invalid-name
+  """``nn.Conv`` (same name, parameters and initialisers) with the faster kernel gradient."""
+  return nn.Conv(features, kernel_size, conv_general_dilated=_conv_general_dilated, **options)
+
+
 class _PhaseOutputConv(nn.Module):
   """A 3x3 'SAME' convolution of ``depth_to_space(y)``, returned as the space-to-depth of its output.
 
@@ -145,9 +212,7 @@ class _PhaseOutputConv(nn.Module):
     # [s, t, (alpha, beta, cin), (a, b, cout)]: a 2x2 kernel that produces all four output phases.
     corner_kernel = jnp.einsum("sAad,tBbe,deic->stABiabc", taps, taps, kernel).reshape(
         2, 2, 4 * channels, 4 * self.features)
-    corners = jax.lax.conv_general_dilated(
-        jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0))), corner_kernel, (1, 1), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [N, h + 1, w + 1, 4 * features]
+    corners = _conv(y, corner_kernel, (1, 1), ((1, 1), (1, 1)))  # [N, h + 1, w + 1, 4 * features]
     f = self.features
     phases = [corners[:, a:a + h, b:b + w, (2 * a + b) * f:(2 * a + b + 1) * f] for a in range(2) for b in range(2)]
     return jnp.concatenate(phases, axis=-1) + jnp.tile(bias, 4).reshape(1, 1, 1, 4 * f)
@@ -168,19 +233,19 @@ class _Autoencoder(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     # Encoder: stride-2 3x3 convolutions.
     for features in cfg.features:
-      x = nn.relu(nn.Conv(features, (3, 3), strides=2, padding="SAME")(x))
+      x = nn.relu(_Conv(features, (3, 3), strides=2, padding="SAME")(x))
     if cfg.bottleneck == "dense":
       n, h, w, c = x.shape
       code = nn.Dense(cfg.latent_features)(x.reshape(n, h * w * c))
       x = nn.relu(nn.Dense(h * w * c)(code)).reshape(n, h, w, c)
     else:
-      x = nn.relu(nn.Conv(cfg.latent_features, (1, 1))(x))
+      x = nn.relu(_Conv(cfg.latent_features, (1, 1))(x))
     # Decoder: back up to full resolution, mirroring the encoder's channels.
     outputs = list(cfg.features[-2::-1]) + [max(cfg.features[0] // 2, channels)]
     if cfg.decoder == "shuffle":
       for features in outputs[:-1]:
-        x = nn.relu(_depth_to_space(nn.Conv(4 * features, (3, 3), padding="SAME")(x), 2))
-      x = nn.relu(nn.Conv(4 * outputs[-1], (3, 3), padding="SAME")(x))
+        x = nn.relu(_depth_to_space(_Conv(4 * features, (3, 3), padding="SAME")(x), 2))
+      x = nn.relu(_Conv(4 * outputs[-1], (3, 3), padding="SAME")(x))
       # The output layer keeps nn.Conv's auto-name (Conv_<n>), so the params tree is the same as a plain conv's.
       n_convs = 2 * len(cfg.features) + (cfg.bottleneck == "conv")
       x = nn.sigmoid(_PhaseOutputConv(channels, name=f"Conv_{n_convs}")(x))
@@ -195,11 +260,11 @@ class _Autoencoder(nn.Module):
       if cfg.decoder == "resize":
         n, h, w, c = x.shape
         x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="nearest")
-        x = nn.Conv(features, (3, 3), padding="SAME")(x)
+        x = _Conv(features, (3, 3), padding="SAME")(x)
       else:
         x = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME")(x)
       x = nn.relu(x)
-    x = nn.sigmoid(nn.Conv(channels, (3, 3), padding="SAME")(x))
+    x = nn.sigmoid(_Conv(channels, (3, 3), padding="SAME")(x))
     return x[:, :height, :width, :]
 
 

@@ -155,11 +155,17 @@ def augment(images: jax.Array, key: jax.Array, *, flips: bool, max_shift: int) -
 
 
 def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_config, batch_size, flips,
-                max_shift):
-  """One Adam step on the batch that ``fold_in(key, step)`` draws. Returns (weights, opt_state, loss)."""
+                max_shift, batch_sharding=None):
+  """One Adam step on the batch that ``fold_in(key, step)`` draws. Returns (weights, opt_state, loss).
+
+  With ``batch_sharding`` the batch is split across its devices (data parallel: XLA's partitioner sums the
+  gradients across them); the weights and the images are replicated.
+  """
   batch_key, augment_key = jax.random.split(jax.random.fold_in(key, step))
   index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
   batch = augment(images[index], augment_key, flips=flips, max_shift=max_shift)
+  if batch_sharding is not None:
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
 
   def loss_fn(w):
     params = model.AutoencoderParams(weights=w, config=model_config)
@@ -172,10 +178,15 @@ def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_c
 
 
 @functools.lru_cache(maxsize=8)
-def _step_function(model_config: model.AutoencoderConfig, batch_size: int, flips: bool, max_shift: int):
+def _step_function(model_config: model.AutoencoderConfig, batch_size: int, flips: bool, max_shift: int,
+                   mesh=None):
   """The jitted step, cached: repeated, resumed and re-scheduled runs compile it once per image shape."""
+  batch_sharding = None
+  if mesh is not None:
+    from shapjax import distributed  # pylint: disable=g-import-not-at-top
+    batch_sharding = distributed._batch_sharding(mesh)
   return jax.jit(functools.partial(_train_step, model_config=model_config, batch_size=batch_size, flips=flips,
-                                   max_shift=max_shift))
+                                   max_shift=max_shift, batch_sharding=batch_sharding))
 
 
 def _as_images(images: ArrayLike) -> np.ndarray:
@@ -199,6 +210,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> model.AutoencoderParams:
   """Trains an autoencoder to reconstruct defect-free images.
 
@@ -217,9 +229,12 @@ def train(
     checkpoint_dir: folder for checkpoints and the loss curve; ``None`` saves nothing.
     resume: continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when there is none).
     progress: show a progress bar with the loss.
+    mesh: data parallel over its devices (e.g. ``shapjax.make_mesh()``, after :func:`shapjax.use_cpu_devices`
+      on a CPU): each device takes ``batch_size / devices`` images of every batch and the gradients are summed
+      across devices. The batches are the same as on one device, so the params agree to float tolerance.
 
   Returns:
-    :class:`shapjax.AutoencoderParams` after ``config.steps`` steps.
+    :class:`shapjax.AutoencoderParams` after ``config.steps`` steps, on the default device.
 
   Raises:
     ValueError: for images that do not fit the model, a ``checkpoint_dir`` that already holds checkpoints
@@ -235,6 +250,12 @@ def train(
   """
   images = _as_images(images)
   config = config.with_model(images.shape[1:])
+  if mesh is not None:
+    from shapjax import distributed  # pylint: disable=g-import-not-at-top
+    mesh = distributed._check_mesh(mesh)
+    if config.batch_size % mesh.size:
+      raise ValueError(f"with a mesh of {mesh.size} devices, batch_size must be a multiple of {mesh.size}, got "
+                       f"{config.batch_size}")
   if tuple(images.shape[1:]) != tuple(config.model.image_shape):
     raise ValueError(f"images have shape {images.shape[1:]} but the model is built for {config.model.image_shape}")
   key = jax.random.key(config.seed) if key is None else key
@@ -259,10 +280,13 @@ def train(
     params = model.init_autoencoder(config=config.model, key=init_key)
     opt_state = _optimizer().init(params.weights)
 
-  step_fn = _step_function(config.model, config.batch_size, config.flips, config.max_shift)
+  step_fn = _step_function(config.model, config.batch_size, config.flips, config.max_shift, mesh)
   rates = learning_rates(config)
   device_images = jnp.asarray(images)
   weights = params.weights
+  if mesh is not None:
+    weights, opt_state, device_images, data_key = distributed._replicate((weights, opt_state, device_images,
+                                                                         data_key), mesh)
 
   def save(step):
     meta = {"train_config": config.to_dict(), "key": _key_record(key), "losses": losses[:step],
@@ -301,6 +325,8 @@ def train(
     plots.plot_loss_curve(losses, folder / "loss.png",
                           title=f"training loss ({config.steps} steps, {time.perf_counter() - started:.0f} s "
                           "this session)")
+  if mesh is not None:  # replicated on the mesh -> the default device, like the params of a one-device run
+    weights = jax.device_put(weights, jax.devices()[0])
   return model.AutoencoderParams(weights=weights, config=config.model)
 
 

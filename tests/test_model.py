@@ -90,3 +90,35 @@ def test_shuffle_output_layer_computed_by_phases_equals_a_full_resolution_convol
   np.testing.assert_allclose(shapjax.reconstruct(params, images), expected, atol=2e-6)
   np.testing.assert_allclose(shapjax.reconstruction_loss(params, images),
                              jnp.mean(jnp.square(expected - images), axis=(1, 2, 3)), rtol=2e-5)
+
+
+@pytest.mark.parametrize("decoder", ["shuffle", "resize"])
+def test_gradients_equal_xla_convolution_gradients(decoder):
+  # The convolutions compute their kernel gradients by matrix products per tap on CPU (for the layers where that
+  # is faster); the gradient of the loss must equal the one of plain lax convolutions.
+  shape = (32, 32, 3)
+  params = shapjax.init_autoencoder(shape, key=jax.random.key(4), features=(8, 64, 96), latent_features=8,
+                                    decoder=decoder)
+  images = jnp.asarray(np.random.default_rng(1).random((2, *shape)), jnp.float32)
+  grads = jax.grad(lambda w: jnp.sum(shapjax.reconstruction_loss(params.replace(weights=w), images)))(params.weights)
+  from shapjax import model
+  assert model._taps_are_faster((3, 3, 64, 96), (1, 1)) == (jax.default_backend() == "cpu")
+
+  def plain_loss(w):
+    out = _plain_reconstruction(params.replace(weights=w), images)
+    return jnp.sum(jnp.mean(jnp.square(out - images), axis=(1, 2, 3)))
+
+  expected = jax.grad(plain_loss)(params.weights)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6 * float(jnp.abs(e).max()), err_msg=str(path))
+
+
+def _plain_reconstruction(params, images):
+  """The model with every convolution swapped for plain ``lax.conv_general_dilated`` (XLA's own gradients)."""
+  from unittest import mock
+
+  from shapjax import model
+  plain = lambda x, k, strides, pads: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  with mock.patch.object(model, "_conv", plain):
+    return shapjax.reconstruct(params, images)

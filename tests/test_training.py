@@ -128,3 +128,28 @@ def test_augment_flips_and_shifts_each_image(key):
   padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
   for i in range(16):
     assert any(np.array_equal(padded[i, dy:dy + 8, dx:dx + 8], shifted[i]) for dy in range(5) for dx in range(5))
+
+
+def test_data_parallel_on_a_mesh_equals_one_device(images, tmp_path):
+  # conftest.py fakes 4 CPU devices: each takes 2 of the 8 images of every batch, gradients summed across them.
+  mesh = shapjax.make_mesh()
+  assert mesh.size == 4
+  config = shapjax.TrainConfig.tiny(SHAPE, steps=6, checkpoint_every=3)
+  key = jax.random.key(5)
+  one = shapjax.train(config, images, key=key, progress=False)
+  sharded = shapjax.train(config, images, key=key, progress=False, mesh=mesh, checkpoint_dir=tmp_path / "mesh")
+  assert _max_difference(one, sharded) <= 1e-5
+  assert all(leaf.devices() == {jax.devices()[0]} for leaf in jax.tree.leaves(sharded.weights))
+  chex.assert_trees_all_close(shapjax.load(tmp_path / "mesh").weights, sharded.weights, atol=0, rtol=0)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    shapjax.train(shapjax.TrainConfig.tiny(SHAPE, steps=1, batch_size=6), images, key=key, progress=False,
+                  mesh=mesh)
+  # The compiled step works on a quarter of the batch per device and sums the gradients across devices.
+  from shapjax import distributed, training
+  config = config.with_model(SHAPE)
+  step = training._step_function(config.model, config.batch_size, config.flips, config.max_shift, mesh)
+  weights = one.weights
+  args = distributed._replicate((weights, training._optimizer().init(weights), jnp.asarray(images), key), mesh)
+  hlo = step.lower(*args, 0, 1e-3).compile().as_text()
+  assert "all-reduce" in hlo
+  assert f"f32[{config.batch_size // 4},32,32,1]" in hlo  # the per-device share of the batch
