@@ -141,9 +141,9 @@ def _weight_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape, strides, pad
 
 def _taps_are_faster(kernel_shape, strides) -> bool:  # pylint: disable=unused-argument
   # XLA:CPU computes a kernel gradient as a convolution whose window is the whole feature map; one matrix
-  # product per tap ran 1.0-2.4x as fast for every layer of the default model (benchmarks/README.md, log).
-  # Other backends keep XLA's own.
-  return jax.default_backend() == "cpu"
+  # product per tap ran 1.3-3.0x as fast for every layer of the default model but the first (3 input channels:
+  # 0.5x), `python benchmarks/layers.py`. Other backends keep XLA's own.
+  return jax.default_backend() == "cpu" and kernel_shape[2] >= 8
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

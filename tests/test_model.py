@@ -103,6 +103,7 @@ def test_gradients_equal_xla_convolution_gradients(decoder):
   grads = jax.grad(lambda w: jnp.sum(shapjax.reconstruction_loss(params.replace(weights=w), images)))(params.weights)
   from shapjax import model
   assert model._taps_are_faster((3, 3, 64, 96), (1, 1)) == (jax.default_backend() == "cpu")
+  assert not model._taps_are_faster((3, 3, 3, 8), (2, 2))  # both kinds of kernel gradient are exercised
 
   def plain_loss(w):
     out = _plain_reconstruction(params.replace(weights=w), images)
