@@ -11,7 +11,8 @@ Everything runs on one XLA CPU device with one thread (``--xla_cpu_multi_thread_
   the same model with a plain full-resolution output convolution, depth-to-space and image-wise loss;
 * kernel gradients: for every convolution of the default model, XLA's own kernel gradient (a convolution whose
   window is the whole feature map) against one matrix product per tap (what ``shapjax.model`` uses on CPU);
-* one training step (forward, backward, Adam) with each kernel gradient.
+* one training step (forward, backward, Adam) with each kernel gradient;
+* ``shapjax.attribute`` evaluations per second for several ``batch_size`` (the CPU default is 16).
 
 Prints markdown tables and writes JSON.
 """
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
   parser.add_argument("--size", type=int, default=128)
   parser.add_argument("--batch", type=int, default=8, help="images per call")
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--attribute-batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[8, 16, 32, 64])
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layers.json"))
   args = parser.parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -181,6 +183,22 @@ def main(argv=None) -> None:
   print("| kernel gradients | ms | steps/s |\n|---|---|---|")
   print(f"| XLA's own | {best['xla'] * 1e3:.0f} | {1 / best['xla']:.2f} |")
   print(f"| per-tap products (shapjax on CPU) | {best['taps'] * 1e3:.0f} | {1 / best['taps']:.2f} |")
+
+  # 4. Chunk size of attribute (coalitions per autoencoder call).
+  from benchmarks.throughput import _make_image, _make_labels
+  image = _make_image(args.size)
+  labels = _make_labels(image, 64)
+  calls = {}
+  for batch_size in args.attribute_batch_sizes:
+    calls[batch_size] = (lambda b=batch_size: shapjax.attribute(params, image, labels, 4, key=jax.random.key(1),
+                                                                 max_regions=64, batch_size=b).values)
+  best = _interleaved_best(calls, args.rounds)
+  n_evals = int(shapjax.attribute(params, image, labels, 4, max_regions=64).n_evals)
+  report["attribute_batch_size"] = {str(b): {"seconds": t, "evals_per_s": n_evals / t} for b, t in best.items()}
+  print(f"\n## attribute, n_perm 4, {int(np.max(labels)) + 1} regions ({n_evals} evaluations), by batch_size\n")
+  print("| batch_size | evals/s |\n|---|---|")
+  for b, t in best.items():
+    print(f"| {b} | {n_evals / t:.0f} |")
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -1,0 +1,25 @@
+"""benchmarks/layers.py runs end to end on a tiny image: its rewrites agree with the plain computations."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_layers_benchmark_checks_and_reports(tmp_path):
+  out = tmp_path / "layers.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "layers.py"), "--size", "32", "--batch", "2",
+                        "--rounds", "1", "--attribute-batch-sizes", "8,16", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  # The script asserts that the phase-wise output layer and the per-tap kernel gradients equal XLA's.
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert set(report["output_layer"]) == {"phase", "plain"}
+  assert len(report["kernel_gradients"]) == 10  # every convolution of the default model
+  assert all(row["xla_s"] > 0 and row["taps_s"] > 0 for row in report["kernel_gradients"])
+  assert set(report["train_step"]) == {"xla", "taps"}
+  assert set(report["attribute_batch_size"]) == {"8", "16"}
+  assert "| batch_size | evals/s |" in run.stdout
