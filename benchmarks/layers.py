@@ -43,29 +43,36 @@ def _interleaved_best(fns: dict, rounds: int) -> dict:
   return {name: min(t) for name, t in times.items()}
 
 
-def _plain_output_loss(params, images):
-  """The default model with its output layer as a plain full-resolution convolution (the reference)."""
+def plain_reconstruction(params, images):
+  """The shuffle-decoder autoencoder written out layer by layer with plain ``lax`` convolutions, its output
+  layer a full-resolution convolution after depth-to-space: the reference for the phase-wise output layer
+  (also the reference of ``tests/test_model.py``). ``f32[N, H, W, C] -> f32[N, H, W, C]``."""
   import jax
   import jax.numpy as jnp
 
-  from shapjax import model
   cfg, w = params.config, params.weights
-  n = len(cfg.features)
-  out = w[f"Conv_{2 * n + 1}"]
 
   def conv(x, p, stride):
     y = jax.lax.conv_general_dilated(x, p["kernel"], (stride, stride), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + p["bias"].reshape(1, 1, 1, -1)
 
-  x = images
+  height, width = images.shape[1:3]
+  x = jnp.pad(images, ((0, 0), (0, -height % cfg.stride), (0, -width % cfg.stride), (0, 0)), mode="edge")
+  n = len(cfg.features)
   for i in range(n):
     x = jax.nn.relu(conv(x, w[f"Conv_{i}"], 2))
   x = jax.nn.relu(conv(x, w[f"Conv_{n}"], 1))
   for i in range(n + 1, 2 * n + 1):
-    x = jax.nn.relu(model._depth_to_space(conv(x, w[f"Conv_{i}"], 1), 2))
-  recon = jax.nn.sigmoid(conv(x, out, 1))
-  return jnp.mean(jnp.square(recon - images), axis=(1, 2, 3))
+    y = conv(x, w[f"Conv_{i}"], 1)
+    b, h, wd, c = y.shape  # depth-to-space written out, independently of shapjax.model's
+    x = jax.nn.relu(y.reshape(b, h, wd, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * wd, c // 4))
+  return jax.nn.sigmoid(conv(x, w[f"Conv_{2 * n + 1}"], 1))[:, :height, :width]
+
+
+def _plain_output_loss(params, images):
+  import jax.numpy as jnp
+  return jnp.mean(jnp.square(plain_reconstruction(params, images) - images), axis=(1, 2, 3))
 
 
 def main(argv=None) -> None:

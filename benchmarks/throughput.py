@@ -293,12 +293,11 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   t_ranks = torch.as_tensor(ranks, device=device)
   orders = torch_reference.permutation_orders(ranks, n_regions)
 
-  batch_size = args.batch_size
   sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
 
   def run_shapjax():
     return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
-                             batch_size=batch_size)
+                             batch_size=args.batch_size)
 
   def loss_of(net):
     return lambda x: torch_reference.reconstruction_loss(net, x)
@@ -313,7 +312,7 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
 
   n_evals_shapjax = n_perm * (n_regions - 1) + 2
   n_evals_captum = 1 + n_perm * n_regions
-  methods = [_Method(f"shapjax attribute (1 device, batch {batch_size})", _jax_sync(run_shapjax),
+  methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
                      n_evals=n_evals_shapjax, kind="attribution")]
   n_devices = jax.device_count()
   if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
@@ -387,19 +386,17 @@ def train_section(args, params, image, device) -> list:
       return optax.apply_updates(weights, updates), opt_state, loss
     return step
 
-  def jax_stepper(name, step, weights, x):
-    state = {name: (weights, optimizer.init(weights))}
+  def jax_stepper(step, weights, x):
+    state = [weights, optimizer.init(weights)]
 
     def run():
-      weights, opt_state = state[name]
       for _ in range(args.train_steps):
-        weights, opt_state, loss = step(weights, opt_state, x)
+        state[0], state[1], loss = step(*state, x)
       jax.block_until_ready(loss)
-      state[name] = (weights, opt_state)
 
     return run
 
-  jax_steps = jax_stepper("jax", make_step(), params.weights, jnp.asarray(images))
+  jax_steps = jax_stepper(make_step(), params.weights, jnp.asarray(images))
 
   timages = torch_reference.to_nchw(images, device)
 
@@ -425,12 +422,10 @@ def train_section(args, params, image, device) -> list:
 
   mesh_rows = []
   if jax.device_count() > 1 and batch % jax.device_count() == 0:
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from shapjax import distributed  # the shardings shapjax.train(..., mesh=) uses
     mesh = shapjax.make_mesh()
-    replicated = NamedSharding(mesh, P())
-    mesh_steps = jax_stepper("mesh", make_step(NamedSharding(mesh, P(mesh.axis_names))),
-                             jax.device_put(params.weights, replicated), jax.device_put(jnp.asarray(images), replicated))
+    weights, mesh_images = distributed._replicate((params.weights, jnp.asarray(images)), mesh)
+    mesh_steps = jax_stepper(make_step(distributed._batch_sharding(mesh)), weights, mesh_images)
     mesh_rows = [_Method(f"optax, batch split over a mesh of {mesh.size} devices", mesh_steps,
                          n_evals=args.train_steps, kind="train")]
   methods = [

@@ -1,11 +1,17 @@
 """The autoencoder: initialisation (deterministic, also under tracing), bottlenecks, config round trip."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import shapjax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.layers import plain_reconstruction  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SHAPE = (32, 32, 1)
 
@@ -56,25 +62,6 @@ def test_bad_bottleneck_is_named():
     shapjax.AutoencoderConfig(image_shape=SHAPE, bottleneck="global")
 
 
-def _reference_reconstruction(params, images):
-  """The shuffle-decoder autoencoder written out layer by layer with plain full-resolution convolutions."""
-  cfg, w = params.config, params.weights
-  conv = lambda x, p, stride: jax.lax.conv_general_dilated(  # noqa: E731
-      x, p["kernel"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"][None, None,
-                                                                                                        None]
-  height, width = images.shape[1:3]
-  x = jnp.pad(images, ((0, 0), (0, -height % cfg.stride), (0, -width % cfg.stride), (0, 0)), mode="edge")
-  n = len(cfg.features)
-  for i in range(n):
-    x = jax.nn.relu(conv(x, w[f"Conv_{i}"], 2))
-  x = jax.nn.relu(conv(x, w[f"Conv_{n}"], 1))
-  for i in range(n + 1, 2 * n + 1):
-    y = conv(x, w[f"Conv_{i}"], 1)
-    b, h, wd, c = y.shape
-    x = jax.nn.relu(y.reshape(b, h, wd, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * wd, c // 4))
-  return jax.nn.sigmoid(conv(x, w[f"Conv_{2 * n + 1}"], 1))[:, :height, :width]
-
-
 @pytest.mark.parametrize("shape", [(32, 32, 3), (20, 28, 1), (19, 13, 3)])
 def test_shuffle_output_layer_computed_by_phases_equals_a_full_resolution_convolution(shape):
   # The output convolution runs as a 2x2 convolution on the low-resolution tensor; reconstruct and the loss must
@@ -86,7 +73,7 @@ def test_shuffle_output_layer_computed_by_phases_equals_a_full_resolution_convol
   params = params.replace(weights=jax.tree.unflatten(
       tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]))
   images = jnp.asarray(np.random.default_rng(0).random((3, *shape)), jnp.float32)
-  expected = _reference_reconstruction(params, images)
+  expected = plain_reconstruction(params, images)
   np.testing.assert_allclose(shapjax.reconstruct(params, images), expected, atol=2e-6)
   np.testing.assert_allclose(shapjax.reconstruction_loss(params, images),
                              jnp.mean(jnp.square(expected - images), axis=(1, 2, 3)), rtol=2e-5)
