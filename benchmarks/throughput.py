@@ -87,12 +87,10 @@ def _child_cold(args) -> None:
   start = float(args.child_start)
   import jax
 
-  if args.child_cache:
-    # The opt-in: a persistent cache directory, and cache even programs that compile quickly.
-    jax.config.update("jax_compilation_cache_dir", args.child_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   import shapjax
+
+  if args.child_cache:  # the opt-in: XLA's persistent cache and shapjax's exported (traced) programs
+    shapjax.enable_compilation_cache(args.child_cache)
 
   marks["import"] = time.time() - start
   params = shapjax.init_autoencoder((args.size, args.size, 3), key=jax.random.key(0))

@@ -14,6 +14,7 @@ _EXPORTS = {
     "attribute": "attribution",
     "attribute_batch": "attribution",
     "load": "checkpoint",
+    "enable_compilation_cache": "compilation",
     "save": "checkpoint",
     "MVTecSplit": "data",
     "load_mvtec": "data",
@@ -71,6 +72,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.attribution import attribute, attribute_batch
   from shapjax.checkpoint import load, save
+  from shapjax.compilation import enable_compilation_cache
   from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
   from shapjax.distributed import (DatasetAttribution, attribute_dataset, attribute_sharded, make_mesh,
                                     use_cpu_devices)

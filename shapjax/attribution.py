@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from shapjax import masking, model, sampling, segmentation
+from shapjax import compilation, masking, model, sampling, segmentation
 
 DEFAULT_N_PERM = 32
 DEFAULT_KEY_SEED = 0
@@ -133,6 +133,13 @@ _STATIC = ("n_perm", "max_regions", "batch_size", "estimator", "baseline_kind", 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _attribute_jit(params, image, labels, key, baseline_array, **static):
   return _attribute_one(params, image, labels, key, baseline_array, **static)
+
+
+def _attribute_exportable(weights, image, labels, key_data, baseline_array, *, config, key_impl, **static):
+  """:func:`_attribute_one` over built-in containers only, for :func:`shapjax.compilation.call`."""
+  params = model.AutoencoderParams(weights=weights, config=config)
+  result = _attribute_one(params, image, labels, compilation.wrap_key(key_data, key_impl), baseline_array, **static)
+  return (result.values, result.stderr, result.n_evals, result.converged)
 
 
 @functools.partial(jax.jit, static_argnames=("baseline_kind", "blur_sigma"))
@@ -261,9 +268,15 @@ def attribute(
     return _attribute_until(params, image, labels, _default_key(key), array, tol=tol, max_evals=max_evals,
                             n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),
                             estimator=estimator, baseline_kind=kind, blur_sigma=float(blur_sigma))
-  return _attribute_jit(params, image, labels, _default_key(key), array, n_perm=int(n_perm),
-                        max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
-                        baseline_kind=kind, blur_sigma=float(blur_sigma))
+  static = dict(n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
+                baseline_kind=kind, blur_sigma=float(blur_sigma))
+  key = _default_key(key)
+  if compilation.exported_programs_enabled((params.weights, image, labels, key, array)):
+    key_data, key_impl = compilation.key_parts(key)
+    fields = compilation.call("attribute", _attribute_exportable, (params.weights, image, labels, key_data, array),
+                              dict(config=params.config, key_impl=key_impl, **static))
+    return sampling.ShapleyResult(*fields)
+  return _attribute_jit(params, image, labels, key, array, **static)
 
 
 def attribute_batch(

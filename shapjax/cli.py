@@ -6,6 +6,9 @@
     shapjax evaluate DATA_DIR --checkpoint CKPT_DIR [--maps M,...] [--n-perm N] [--regions R] [--limit K] --json OUT.json
         [--figures DIR]
 
+Global option: ``shapjax --compilation-cache DIR COMMAND ...`` (or ``SHAPJAX_COMPILATION_CACHE=DIR``) keeps
+compiled and traced programs for the next run (:func:`shapjax.enable_compilation_cache`).
+
 Exit codes: 0 success, 2 usage error (from argparse), 1 any other failure, reported as one line
 ``shapjax: error: ...`` on stderr without a traceback (set ``SHAPJAX_TRACEBACK=1`` to see it).
 
@@ -273,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
       "reconstruction loss, in JAX.")
   from shapjax import __version__  # pylint: disable=g-import-not-at-top
   parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+  parser.add_argument("--compilation-cache", metavar="DIR", default=os.environ.get("SHAPJAX_COMPILATION_CACHE"),
+                      help="keep compiled and traced programs in DIR, so the next run starts faster (default: "
+                      "$SHAPJAX_COMPILATION_CACHE, else off)")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for add in _COMMANDS:
     add(subparsers)
@@ -284,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)  # exits with 2 on usage errors
   try:
+    if args.compilation_cache:
+      from shapjax import compilation  # pylint: disable=g-import-not-at-top
+
+      compilation.enable_compilation_cache(args.compilation_cache)
     return int(args.handler(args) or 0)
   except _UsageError as error:
     parser.print_usage(sys.stderr)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from shapjax import compilation
+
 _DECODERS = ("shuffle", "resize", "transpose")
 _BOTTLENECKS = ("conv", "dense")
 
@@ -295,18 +297,29 @@ def _init_program(config: AutoencoderConfig, key: jax.Array) -> dict:
   return _module(config).init(key, dummy)["params"]
 
 
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 @functools.cache
 def _jitted_init(unoptimised: bool):
   # Initialisation runs once and is tiny, but its PRNG kernels (threefry, erf_inv for the truncated normals) take
   # ~7 s of LLVM optimisation on CPU. Without backend optimisation it compiles in ~2 s and runs in ~0.1 s. Only a
   # top-level call on the CPU backend gets that option: other backends compile it quickly and may not know the
   # flag, and compiler options are refused on a jit nested in eval_shape or a user's jit.
-  options = {"xla_backend_optimization_level": 0} if unoptimised else None
-  return jax.jit(_init_program, static_argnums=0, compiler_options=options)
+  return jax.jit(_init_program, static_argnums=0, compiler_options=_INIT_OPTIONS if unoptimised else None)
+
+
+def _init_exportable(key_data: jax.Array, *, config: AutoencoderConfig, key_impl: str | None) -> dict:
+  """:func:`_init_program` over built-in containers only, for :func:`shapjax.compilation.call`."""
+  return _init_program(config, compilation.wrap_key(key_data, key_impl))
 
 
 def _init_weights(config: AutoencoderConfig, key: jax.Array) -> dict:
   top_level_on_cpu = not isinstance(key, jax.core.Tracer) and jax.default_backend() == "cpu"
+  if compilation.exported_programs_enabled((key,)):
+    key_data, key_impl = compilation.key_parts(key)
+    return compilation.call("init_autoencoder", _init_exportable, (key_data,), dict(config=config, key_impl=key_impl),
+                            compiler_options=_INIT_OPTIONS if top_level_on_cpu else None)
   return _jitted_init(top_level_on_cpu)(config, key)
 
 

@@ -77,8 +77,12 @@ def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
   out, _ = trained
   images = sorted((dataset / "test").glob("[!g]*/*.png"))[:2]  # defective ones: not under test/good
   assert len(images) == 2
-  result = _run("explain", *images, "--checkpoint", out, "--n-perm", 4, "--regions", 8, "--out", tmp_path / "x")
-  assert result.returncode == 0, result.stderr
+  cache = tmp_path / "cache"
+  for run in ("x", "warm"):  # the second run starts from the compilation cache of the first
+    result = _run("--compilation-cache", cache, "explain", *images, "--checkpoint", out, "--n-perm", 4,
+                  "--regions", 8, "--out", tmp_path / run)
+    assert result.returncode == 0, result.stderr
+  assert sorted(p.name.split("-")[0] for p in (cache / "exported").iterdir()) == ["attribute"]
   for image in images:
     _valid_png(tmp_path / "x" / f"{image.stem}.png")
     record = json.loads((tmp_path / "x" / f"{image.stem}.json").read_text())
@@ -86,6 +90,7 @@ def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
     assert all({"id", "value", "stderr", "pixels"} <= set(r) for r in record["regions"])
     assert sum(r["pixels"] for r in record["regions"]) == 24 * 40
     assert record["n_perm"] == 4 and "ground_truth" in record  # inside an MVTec layout: the mask is found
+    assert json.loads((tmp_path / "warm" / f"{image.stem}.json").read_text())["regions"] == record["regions"]
 
 
 def test_demo_quick(tmp_path):
@@ -140,6 +145,9 @@ def test_bad_checkpoints_and_images(trained, dataset, tmp_path, capsys):
   assert "text.png" in _main_error(["explain", tmp_path / "text.png", "--checkpoint", out, "--out", tmp_path / "x"],
                                    capsys)
   assert "no_data" in _main_error(["train", tmp_path / "no_data", "--out", tmp_path / "ck", "--steps", 2], capsys)
+  assert "compilation cache directory" in _main_error(
+      ["--compilation-cache", tmp_path / "text.png", "explain", tmp_path / "text.png", "--checkpoint", out, "--out",
+       tmp_path / "x"], capsys)
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["train", "d", "--out", "o", "--steps", "0"],
