@@ -78,6 +78,11 @@ def test_new_settings_or_shapes_are_new_programs(cache):
                              max_regions=REGIONS)
   assert result.values.shape == (REGIONS,)
   assert _files(cache).count("attribute") == 3 and _files(cache).count("init_autoencoder") == 2
+  baseline = np.full(SHAPE, 0.3, np.float32)  # an array baseline is an input of its own program
+  with_array = shapjax.attribute(params, image, labels, 4, baseline=baseline, max_regions=REGIONS)
+  assert _files(cache).count("attribute") == 4
+  shapjax.enable_compilation_cache(None)
+  _assert_same(with_array, shapjax.attribute(params, image, labels, 4, baseline=baseline, max_regions=REGIONS))
 
 
 def test_inside_jit_traces_as_usual(cache):
