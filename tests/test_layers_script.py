@@ -1,4 +1,5 @@
-"""benchmarks/layers.py runs end to end on a tiny image: its rewrites agree with the plain computations."""
+"""benchmarks/layers.py and contention.py run end to end on a tiny image (layers.py: its rewrites agree with the
+plain computations)."""
 
 import json
 import os
@@ -23,3 +24,17 @@ def test_layers_benchmark_checks_and_reports(tmp_path):
   assert set(report["train_step"]) == {"xla", "taps"}
   assert set(report["attribute_batch_size"]) == {"8", "16"}
   assert "| batch_size | evals/s |" in run.stdout
+
+
+def test_contention_benchmark_reports_every_job(tmp_path):
+  out = tmp_path / "contention.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "contention.py"), "--processes", "2",
+                        "--size", "32", "--repeats", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert [row["job"] for row in report["jobs"]] == ["matmul", "forward", "train"]
+  for row in report["jobs"]:
+    assert row["alone_s"] > 1e-4 and len(row["together_s"]) == 2 and row["aggregate_speedup"] > 0  # not folded
+  assert "| job | alone (ms) |" in run.stdout
