@@ -80,15 +80,19 @@ def test_shuffle_output_layer_computed_by_phases_equals_a_full_resolution_convol
 
 
 @pytest.mark.parametrize("decoder", ["shuffle", "resize"])
-def test_gradients_equal_xla_convolution_gradients(decoder):
+@pytest.mark.parametrize("per_image_from", [32 * 32, 1])
+def test_gradients_equal_xla_convolution_gradients(decoder, per_image_from, monkeypatch):
   # The convolutions compute their kernel gradients by matrix products per tap on CPU (for the layers where that
-  # is faster); the gradient of the loss must equal the one of plain lax convolutions.
+  # is faster; image by image for big feature maps); the gradient of the loss must equal the one of plain lax
+  # convolutions. per_image_from=1 sends every layer through the image-by-image sum.
+  from shapjax import model
+  monkeypatch.setattr(model, "_PER_IMAGE_MIN_PIXELS", per_image_from)
+  jax.clear_caches()
   shape = (32, 32, 3)
   params = shapjax.init_autoencoder(shape, key=jax.random.key(4), features=(8, 64, 96), latent_features=8,
                                     decoder=decoder)
   images = jnp.asarray(np.random.default_rng(1).random((2, *shape)), jnp.float32)
   grads = jax.grad(lambda w: jnp.sum(shapjax.reconstruction_loss(params.replace(weights=w), images)))(params.weights)
-  from shapjax import model
   assert model._taps_are_faster((3, 3, 64, 96), (1, 1)) == (jax.default_backend() == "cpu")
   assert not model._taps_are_faster((3, 3, 3, 8), (2, 2))  # both kinds of kernel gradient are exercised
 
