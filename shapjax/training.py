@@ -232,6 +232,8 @@ def train(
     mesh: data parallel over its devices (e.g. ``shapjax.make_mesh()``, after :func:`shapjax.use_cpu_devices`
       on a CPU): each device takes ``batch_size / devices`` images of every batch and the gradients are summed
       across devices. The batches are the same as on one device, so the params agree to float tolerance.
+      Training is memory-bound: on 2 CPU cores sharing one memory bus it was slower than one device
+      (``benchmarks/contention.py`` tells whether a machine's cores scale).
 
   Returns:
     :class:`shapjax.AutoencoderParams` after ``config.steps`` steps, on the default device.
