@@ -51,15 +51,11 @@ def _child(job: str, size: int, repeats: int, sync_dir: str, index: int) -> None
       inputs = (params, images)
       fn = jax.jit(shapjax.reconstruction_loss)
     else:
+      from benchmarks.throughput import adam_step  # the training step throughput.py and layers.py time
+
       optimizer = optax.adam(1e-3)
       inputs = (params.weights, optimizer.init(params.weights), images)
-
-      @jax.jit
-      def fn(weights, state, x):
-        loss, grads = jax.value_and_grad(
-            lambda w: jnp.mean(shapjax.reconstruction_loss(params.replace(weights=w), x)))(weights)
-        updates, state = optimizer.update(grads, state, weights)
-        return optax.apply_updates(weights, updates), state, loss
+      fn = adam_step(params.config, optimizer)
   jax.block_until_ready(fn(*inputs))
   open(os.path.join(sync_dir, f"ready-{index}"), "w").close()  # compiled; start together with the others
   while not os.path.exists(os.path.join(sync_dir, "go")):
@@ -107,6 +103,8 @@ def main(argv=None) -> None:
   if args.child:
     return _child(args.child, args.size, args.repeats, args.sync_dir, args.index)
 
+  from benchmarks.report import write_json
+
   jobs = [j for j in args.jobs.split(",") if j]
   unknown = set(jobs) - set(JOBS)
   if unknown:
@@ -124,9 +122,7 @@ def main(argv=None) -> None:
   report = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT), *(argv or sys.argv[1:])]),
             "processes": args.processes, "cpu_count": os.cpu_count(), "size": args.size,
             "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "jobs": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  write_json(report, args.out)
   print(f"\nwrote {os.path.relpath(args.out, ROOT)}")
 
 

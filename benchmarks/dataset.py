@@ -18,7 +18,6 @@ The autoencoder is trained briefly on the train split (``--steps``). Prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ def main():
   import numpy as np
 
   import shapjax
+  from benchmarks.report import write_json
 
   train = shapjax.load_mvtec(args.root, split="train", image_size=args.size)
   test = shapjax.load_mvtec(args.root, split="test", image_size=args.size)
@@ -94,9 +94,7 @@ def main():
   print("|---:|---:|---:|---:|---:|---:|")
   print(f"| {compile_s:.1f} | {segment_s:.1f} | {attribute_s:.1f} | {segment_s + attribute_s:.1f} | "
         f"{pipeline_s:.1f} | {row['images_per_s']:.1f} |")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(row, f, indent=1)
+  write_json(row, args.out)
   print(f"\nwrote {args.out}")
 
 

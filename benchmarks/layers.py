@@ -20,7 +20,6 @@ Prints markdown tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -91,6 +90,8 @@ def main(argv=None) -> None:
   import optax
 
   import shapjax
+  from benchmarks.report import write_json
+  from benchmarks.throughput import adam_step
   from shapjax import model
 
   params = shapjax.init_autoencoder((args.size, args.size, 3), key=jax.random.key(0))
@@ -162,29 +163,18 @@ def main(argv=None) -> None:
   # 3. One training step, each way.
   optimizer = optax.adam(1e-3)
 
-  def make_step():
-    def loss_fn(w):
-      return jnp.mean(shapjax.reconstruction_loss(params.replace(weights=w), images))
-
-    @jax.jit
-    def step(w, state):
-      loss, grads = jax.value_and_grad(loss_fn)(w)
-      updates, state = optimizer.update(grads, state, w)
-      return optax.apply_updates(w, updates), state, loss
-    return step
-
-  taps_step = make_step()
+  taps_step = adam_step(params.config, optimizer)
   original = model._taps_are_faster
   model._taps_are_faster = lambda *_: False
   try:
-    xla_step = make_step()
+    xla_step = adam_step(params.config, optimizer)
     state = optimizer.init(params.weights)
-    jax.block_until_ready(xla_step(params.weights, state))  # traced and compiled with XLA's kernel gradients
+    jax.block_until_ready(xla_step(params.weights, state, images))  # traced with XLA's kernel gradients
   finally:
     model._taps_are_faster = original
-  jax.block_until_ready(taps_step(params.weights, state))
-  best = _interleaved_best({"xla": lambda: xla_step(params.weights, state)[2],
-                            "taps": lambda: taps_step(params.weights, state)[2]}, args.rounds)
+  jax.block_until_ready(taps_step(params.weights, state, images))
+  best = _interleaved_best({"xla": lambda: xla_step(params.weights, state, images)[2],
+                            "taps": lambda: taps_step(params.weights, state, images)[2]}, args.rounds)
   report["train_step"] = {k: {"seconds": v, "steps_per_s": 1 / v} for k, v in best.items()}
   print(f"\n## One training step (forward, backward, Adam), batch {args.batch}\n")
   print("| kernel gradients | ms | steps/s |\n|---|---|---|")
@@ -207,9 +197,7 @@ def main(argv=None) -> None:
   for b, t in best.items():
     print(f"| {b} | {n_evals / t:.0f} |")
 
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  write_json(report, args.out)
   print(f"\nwrote {os.path.relpath(args.out, ROOT)}")
 
 

@@ -356,6 +356,36 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   return methods, agreement
 
 
+def adam_step(config, optimizer, batch_sharding=None):
+  """The minimal training step the benchmarks time: mean reconstruction loss, gradient, one optax update.
+
+  Args:
+    config: the :class:`shapjax.AutoencoderConfig` of the weights.
+    optimizer: an optax optimizer.
+    batch_sharding: split the batch over its devices (data parallel, as ``shapjax.train(..., mesh=)`` does).
+
+  Returns:
+    jitted ``step(weights, opt_state, images) -> (weights, opt_state, loss)``, traced on its first call.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import shapjax
+
+  def loss_fn(weights, x):
+    return jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(weights, config), x))
+
+  @jax.jit
+  def step(weights, opt_state, x):
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    loss, grads = jax.value_and_grad(loss_fn)(weights, x)
+    updates, opt_state = optimizer.update(grads, opt_state, weights)
+    return optax.apply_updates(weights, updates), opt_state, loss
+  return step
+
+
 def train_section(args, params, image, device) -> list:
   import jax
   import jax.numpy as jnp
@@ -371,19 +401,6 @@ def train_section(args, params, image, device) -> list:
   images = np.clip(image[None] + 0.05 * rng.standard_normal((batch, *image.shape)), 0, 1).astype(np.float32)
   optimizer = optax.adam(1e-3)
 
-  def loss_fn(weights, x):
-    return jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(weights, params.config), x))
-
-  def make_step(batch_sharding=None):
-    @jax.jit
-    def step(weights, opt_state, x):
-      if batch_sharding is not None:  # data parallel, as shapjax.train(..., mesh=...) does
-        x = jax.lax.with_sharding_constraint(x, batch_sharding)
-      loss, grads = jax.value_and_grad(loss_fn)(weights, x)
-      updates, opt_state = optimizer.update(grads, opt_state, weights)
-      return optax.apply_updates(weights, updates), opt_state, loss
-    return step
-
   def jax_stepper(step, weights, x):
     state = [weights, optimizer.init(weights)]
 
@@ -394,7 +411,7 @@ def train_section(args, params, image, device) -> list:
 
     return run
 
-  jax_steps = jax_stepper(make_step(), params.weights, jnp.asarray(images))
+  jax_steps = jax_stepper(adam_step(params.config, optimizer), params.weights, jnp.asarray(images))
 
   timages = torch_reference.to_nchw(images, device)
 
@@ -423,7 +440,8 @@ def train_section(args, params, image, device) -> list:
     from shapjax import distributed  # the shardings shapjax.train(..., mesh=) uses
     mesh = shapjax.make_mesh()
     weights, mesh_images = distributed._replicate((params.weights, jnp.asarray(images)), mesh)
-    mesh_steps = jax_stepper(make_step(distributed._batch_sharding(mesh)), weights, mesh_images)
+    mesh_step = adam_step(params.config, optimizer, distributed._batch_sharding(mesh))
+    mesh_steps = jax_stepper(mesh_step, weights, mesh_images)
     mesh_rows = [_Method(f"optax, batch split over a mesh of {mesh.size} devices", mesh_steps,
                          n_evals=args.train_steps, kind="train")]
   methods = [
@@ -554,6 +572,7 @@ def main(argv=None) -> None:
   import torch
 
   import shapjax
+  from benchmarks import report as report_file
   from benchmarks import torch_reference
   from shapjax import sampling
 
@@ -586,8 +605,7 @@ def main(argv=None) -> None:
   os.makedirs(os.path.dirname(out), exist_ok=True)
 
   def save():  # after every section, so a long run that dies late keeps what it measured
-    with open(out, "w") as f:
-      json.dump(report, f, indent=1)
+    report_file.write_json(report, out)
 
   def print_ceiling(section, methods):
     report["matmul"][section] = ceiling = ceiling_of(methods)

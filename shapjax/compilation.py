@@ -140,8 +140,7 @@ def _load(name: str, digest: str, args: tuple):
     return None
   try:
     exported = jax.export.deserialize(bytearray(data))
-    expected = [jax.core.ShapedArray(np.shape(x), x.dtype) for x in jax.tree.leaves(args)]
-    if [(a.shape, a.dtype) for a in exported.in_avals] != [(a.shape, a.dtype) for a in expected]:
+    if [(a.shape, a.dtype) for a in exported.in_avals] != [(np.shape(x), x.dtype) for x in jax.tree.leaves(args)]:
       raise ValueError("its inputs do not match")
   except Exception as error:  # pylint: disable=broad-except  (a corrupt file: flatbuffers raises many kinds)
     warnings.warn(f"ignoring unreadable exported program {path} ({type(error).__name__}: {error}); tracing it "
