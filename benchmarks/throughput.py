@@ -356,13 +356,13 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   return methods, agreement
 
 
-def adam_step(config, optimizer, batch_sharding=None):
+def adam_step(config, optimizer, mesh=None):
   """The minimal training step the benchmarks time: mean reconstruction loss, gradient, one optax update.
 
   Args:
     config: the :class:`shapjax.AutoencoderConfig` of the weights.
     optimizer: an optax optimizer.
-    batch_sharding: split the batch over its devices (data parallel, as ``shapjax.train(..., mesh=)`` does).
+    mesh: split the batch over its devices (data parallel, as ``shapjax.train(..., mesh=)`` does).
 
   Returns:
     jitted ``step(weights, opt_state, images) -> (weights, opt_state, loss)``, traced on its first call.
@@ -372,15 +372,18 @@ def adam_step(config, optimizer, batch_sharding=None):
   import optax
 
   import shapjax
+  from shapjax import distributed
 
-  def loss_fn(weights, x):
-    return jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(weights, config), x))
+  def loss_and_grads(weights, x):
+    return jax.value_and_grad(
+        lambda w: jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(w, config), x)))(weights)
+
+  if mesh is not None:
+    loss_and_grads = distributed._batch_mean(loss_and_grads, mesh)  # what shapjax.train(..., mesh=) does
 
   @jax.jit
   def step(weights, opt_state, x):
-    if batch_sharding is not None:
-      x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    loss, grads = jax.value_and_grad(loss_fn)(weights, x)
+    loss, grads = loss_and_grads(weights, x)
     updates, opt_state = optimizer.update(grads, opt_state, weights)
     return optax.apply_updates(weights, updates), opt_state, loss
   return step
@@ -440,7 +443,7 @@ def train_section(args, params, image, device) -> list:
     from shapjax import distributed  # the shardings shapjax.train(..., mesh=) uses
     mesh = shapjax.make_mesh()
     weights, mesh_images = distributed._replicate((params.weights, jnp.asarray(images)), mesh)
-    mesh_step = adam_step(params.config, optimizer, distributed._batch_sharding(mesh))
+    mesh_step = adam_step(params.config, optimizer, mesh)
     mesh_steps = jax_stepper(mesh_step, weights, mesh_images)
     mesh_rows = [_Method(f"optax, batch split over a mesh of {mesh.size} devices", mesh_steps,
                          n_evals=args.train_steps, kind="train")]

@@ -163,6 +163,32 @@ def _local_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
+def _batch_mean(fn, mesh: Mesh):
+  """Data parallel: ``fn(tree, batch)`` run on each device's share of the batch, averaged across devices.
+
+  ``fn`` returns a pytree of means over its batch (a loss and its gradients); the batch is split evenly over
+  every axis of the mesh, so the average of the per-device means is the mean over the whole batch. The
+  per-device program is the one-device program on fewer images (``jax.shard_map``): left to XLA's partitioner,
+  the image-by-image kernel gradients of :mod:`shapjax.model` (a ``lax.scan`` over the batch) were gathered
+  and computed whole on every device, slower than one device.
+
+  Args:
+    fn: ``(tree, f32[B / devices, ...]) -> pytree`` of batch means.
+    mesh: the devices.
+
+  Returns:
+    ``(tree, f32[B, ...]) -> pytree``, replicated on the mesh.
+  """
+  axes = _axes(mesh)
+
+  def local(tree, batch):
+    return jax.tree.map(lambda leaf: jax.lax.pmean(leaf, axes), fn(tree, batch))
+
+  # check_vma=False: each device's gradients are its own (summed explicitly by the pmean); with the check, the
+  # custom VJP of model._conv would have to mark its kernel gradients as device-varying.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(), check_vma=False)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Images across devices.
 

@@ -155,23 +155,25 @@ def augment(images: jax.Array, key: jax.Array, *, flips: bool, max_shift: int) -
 
 
 def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_config, batch_size, flips,
-                max_shift, batch_sharding=None):
+                max_shift, mesh=None):
   """One Adam step on the batch that ``fold_in(key, step)`` draws. Returns (weights, opt_state, loss).
 
-  With ``batch_sharding`` the batch is split across its devices (data parallel: XLA's partitioner sums the
-  gradients across them); the weights and the images are replicated.
+  With a ``mesh`` the batch is split across its devices (data parallel: each device computes the loss and
+  gradients of its share, averaged across devices); the weights and the images are replicated.
   """
   batch_key, augment_key = jax.random.split(jax.random.fold_in(key, step))
   index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
   batch = augment(images[index], augment_key, flips=flips, max_shift=max_shift)
-  if batch_sharding is not None:
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
 
-  def loss_fn(w):
-    params = model.AutoencoderParams(weights=w, config=model_config)
-    return jnp.mean(model.reconstruction_loss(params, batch))
+  def loss_and_grads(w, batch):
+    def loss_fn(w):
+      return jnp.mean(model.reconstruction_loss(model.AutoencoderParams(weights=w, config=model_config), batch))
+    return jax.value_and_grad(loss_fn)(w)
 
-  loss, grads = jax.value_and_grad(loss_fn)(weights)
+  if mesh is not None:
+    from shapjax import distributed  # pylint: disable=g-import-not-at-top
+    loss_and_grads = distributed._batch_mean(loss_and_grads, mesh)
+  loss, grads = loss_and_grads(weights, batch)
   updates, opt_state = _optimizer().update(grads, opt_state, weights)
   weights = jax.tree.map(lambda w, u: w - learning_rate * u, weights, updates)
   return weights, opt_state, loss
@@ -181,12 +183,8 @@ def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_c
 def _step_function(model_config: model.AutoencoderConfig, batch_size: int, flips: bool, max_shift: int,
                    mesh=None):
   """The jitted step, cached: repeated, resumed and re-scheduled runs compile it once per image shape."""
-  batch_sharding = None
-  if mesh is not None:
-    from shapjax import distributed  # pylint: disable=g-import-not-at-top
-    batch_sharding = distributed._batch_sharding(mesh)
   return jax.jit(functools.partial(_train_step, model_config=model_config, batch_size=batch_size, flips=flips,
-                                   max_shift=max_shift, batch_sharding=batch_sharding))
+                                   max_shift=max_shift, mesh=mesh))
 
 
 def _as_images(images: ArrayLike) -> np.ndarray:
@@ -230,10 +228,10 @@ def train(
     resume: continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when there is none).
     progress: show a progress bar with the loss.
     mesh: data parallel over its devices (e.g. ``shapjax.make_mesh()``, after :func:`shapjax.use_cpu_devices`
-      on a CPU): each device takes ``batch_size / devices`` images of every batch and the gradients are summed
+      on a CPU): each device takes ``batch_size / devices`` images of every batch and the gradients are averaged
       across devices. The batches are the same as on one device, so the params agree to float tolerance.
-      Training is memory-bound: on 2 CPU cores sharing one memory bus it was slower than one device
-      (``benchmarks/contention.py`` tells whether a machine's cores scale).
+      Training is memory-bound: on 2 CPU cores sharing one memory bus, two single-threaded devices ran about
+      1.2-1.3x the steps of one (``benchmarks/contention.py`` tells whether a machine's cores scale).
 
   Returns:
     :class:`shapjax.AutoencoderParams` after ``config.steps`` steps, on the default device.

@@ -1,5 +1,5 @@
-"""benchmarks/layers.py and contention.py run end to end on a tiny image (layers.py: its rewrites agree with the
-plain computations)."""
+"""benchmarks/layers.py, contention.py and throughput.py's training section run end to end on a tiny image
+(layers.py: its rewrites agree with the plain computations)."""
 
 import json
 import os
@@ -38,3 +38,17 @@ def test_contention_benchmark_reports_every_job(tmp_path):
   for row in report["jobs"]:
     assert row["alone_s"] > 1e-4 and len(row["together_s"]) == 2 and row["aggregate_speedup"] > 0  # not folded
   assert "| job | alone (ms) |" in run.stdout
+
+
+def test_throughput_training_section_times_every_step(tmp_path):
+  out = tmp_path / "train.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick", "--sections",
+                        "train", "--cpu-devices", "2", "--size", "32", "--rounds", "1", "--matmul-size", "64",
+                        "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = {row["method"]: row for row in json.loads(out.read_text())["train"]}
+  assert set(rows) == {"optax, batch split over a mesh of 2 devices", "optax (jax jit)", "torch eager",
+                       "torch.compile"}
+  assert all(row["steps_per_s"] > 0 for row in rows.values())
+  assert "| optax, batch split over a mesh of 2 devices |" in run.stdout
