@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 
 import flax.struct

@@ -1,6 +1,5 @@
 """attribute() on small images: efficiency, padding, locating a painted defect, determinism, compiles, errors."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
