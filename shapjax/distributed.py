@@ -2,7 +2,9 @@
 
 Everything here runs on JAX's own distributed runtime through ``jax.sharding``: a :class:`jax.sharding.Mesh`
 of devices, inputs placed with :class:`jax.sharding.NamedSharding`, and per-device programs written with
-:func:`jax.shard_map`. There is no scheduler of our own. Two ways to split the work:
+:func:`jax.shard_map`. There is no scheduler of our own. Two ways to split an attribution's work (and a third
+for training: ``shapjax.train(..., mesh=)`` averages the gradients of each device's share of a batch, see
+:func:`_batch_mean`):
 
 * **Images across devices** (``attribute_batch(..., mesh=mesh)``, :func:`attribute_dataset`): the batch axis is
   sharded over every axis of the mesh; each device attributes its own images with no communication at all.
