@@ -130,7 +130,9 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 # From this many output pixels per image on, kernel gradients are summed image by image (a lax.scan): one image's
-# activations stay in cache, and the big layers' gradients ran 1.2-4x as fast (`benchmarks/layers.py`).
+# activations stay in cache, and the big layers' gradients ran 1.2-4x as fast (`benchmarks/layers.py`). A scan over
+# the batch cannot be split by XLA's partitioner: a data-parallel step must differentiate each device's own images
+# inside jax.shard_map (as shapjax.train(..., mesh=) does), or the activations are gathered onto every device.
 _PER_IMAGE_MIN_PIXELS = 32 * 32
 
 
