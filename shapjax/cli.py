@@ -1,6 +1,6 @@
 """The ``shapjax`` command: argument parsing only; every command is a library call.
 
-    shapjax train DATA_DIR --out CKPT_DIR [--steps N] [--image-size H [W]] [--seed K] [--resume]
+    shapjax train DATA_DIR --out CKPT_DIR [--steps N] [--image-size H [W]] [--seed K] [--resume] [--devices N]
     shapjax explain IMAGE... --checkpoint CKPT_DIR [--n-perm N] [--regions R] --out OUT_DIR
     shapjax demo [--out DIR] [--quick]
     shapjax evaluate DATA_DIR --checkpoint CKPT_DIR [--maps M,...] [--n-perm N] [--regions R] [--limit K] --json OUT.json
@@ -86,8 +86,28 @@ def _add_train(subparsers) -> None:
                       help="save every N steps (default 250)")
   parser.add_argument("--keep", type=_positive_int, default=3, metavar="K",
                       help="keep the last K checkpoints (default 3)")
+  parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                      help="data parallel over N devices, each taking batch-size/N images of every step (default 1). "
+                      "On a CPU these are N single-threaded CPU devices (shapjax.use_cpu_devices): the fast way to "
+                      "train on a multi-core CPU. Same batches, same params to float tolerance")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   parser.set_defaults(handler=_run_train)
+
+
+def _train_mesh(n_devices: int):
+  """``None`` for one device; else a mesh of ``n_devices`` (on a CPU host, after splitting it into CPU devices)."""
+  if n_devices == 1:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  import shapjax  # pylint: disable=g-import-not-at-top
+  try:
+    shapjax.use_cpu_devices(n_devices)  # only shapes the CPU backend; accelerators keep their devices
+  except RuntimeError:
+    pass  # JAX already runs (e.g. shapjax.cli.main called from Python): use the devices it has
+  if jax.device_count() < n_devices:
+    raise _UsageError(f"--devices {n_devices}: this process has only {jax.device_count()} "
+                      f"{jax.default_backend()} device(s)")
+  return shapjax.make_mesh(n_devices)
 
 
 def _run_train(args) -> int:
@@ -97,6 +117,9 @@ def _run_train(args) -> int:
   if len(args.image_size) > 2:
     raise _UsageError("--image-size takes one or two numbers (H [W])")
   size = tuple(args.image_size) * (2 if len(args.image_size) == 1 else 1)
+  if args.batch_size % args.devices:
+    raise _UsageError(f"--batch-size ({args.batch_size}) must be a multiple of --devices ({args.devices})")
+  mesh = _train_mesh(args.devices)  # before any JAX computation: it may split the CPU into devices
   print(f"reading {args.data_dir}/train/good ...", file=sys.stderr, flush=True)
   split = shapjax.load_mvtec(args.data_dir, split="train", image_size=size)
   options = {}
@@ -110,8 +133,10 @@ def _run_train(args) -> int:
       warmup_steps=min(100, args.steps // 10), flips=not args.no_flips, max_shift=args.max_shift,
       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, seed=args.seed)
   print(f"{len(split)} images of {split.images.shape[1:]}; model {model_config}", file=sys.stderr, flush=True)
+  if mesh is not None:
+    print(f"data parallel over {mesh.size} {jax.default_backend()} devices", file=sys.stderr, flush=True)
   shapjax.train(config, split.images, key=jax.random.key(args.seed), checkpoint_dir=Path(args.out).absolute(),
-                resume=args.resume, progress=not args.quiet)
+                resume=args.resume, progress=not args.quiet, mesh=mesh)
   print(f"checkpoint: {Path(args.out)}  (loss curve: {Path(args.out) / 'loss.png'})")
   return 0
 

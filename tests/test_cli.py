@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -71,6 +73,22 @@ def test_train_resume_and_refusal(trained, dataset):
                  "--latent-features", 4, "--batch-size", 4, "--checkpoint-every", 2, "--keep", 2, "--seed", 3,
                  "--resume", "--quiet")
   assert resumed.returncode == 0, resumed.stderr
+
+
+def test_train_data_parallel_over_cpu_devices(trained, dataset, tmp_path):
+  # --devices 2 in a fresh process splits the CPU into 2 single-threaded devices and trains with a mesh: the
+  # batches are those of the one-device run, so the params agree to float tolerance.
+  out, _ = trained
+  args = ("train", dataset, "--out", tmp_path / "two", "--steps", 4, "--image-size", 24, 40, "--features", "4,8",
+          "--latent-features", 4, "--batch-size", 4, "--checkpoint-every", 2, "--keep", 2, "--seed", 3, "--quiet")
+  result = _run(*args, "--devices", 2)
+  assert result.returncode == 0, result.stderr
+  assert "data parallel over 2 cpu devices" in result.stderr
+  one, two = shapjax.load(out), shapjax.load(tmp_path / "two")
+  for a, b in zip(jax.tree.leaves(one.weights), jax.tree.leaves(two.weights)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  uneven = _run(*args[:3], tmp_path / "three", *args[4:], "--devices", 3)
+  assert uneven.returncode == 2 and "multiple of --devices" in uneven.stderr
 
 
 def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
@@ -153,13 +171,22 @@ def test_bad_checkpoints_and_images(trained, dataset, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [[], ["train"], ["train", "d", "--out", "o", "--steps", "0"],
                                   ["explain", "x.png", "--out", "o"], ["demo", "--bogus"], ["frobnicate"],
                                   ["train", "d", "--out", "o", "--image-size", "1", "2", "3"],
-                                  ["explain", "x.png", "--checkpoint", "c", "--out", "o", "--n-perm", "3"]])
+                                  ["explain", "x.png", "--checkpoint", "c", "--out", "o", "--n-perm", "3"],
+                                  ["train", "d", "--out", "o", "--devices", "0"]])
 def test_usage_errors_exit_2(argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
     code = cli.main(argv)
     raise SystemExit(code)
   assert exit_info.value.code == 2
   assert "usage:" in capsys.readouterr().err
+
+
+def test_train_more_devices_than_the_running_process_has(capsys):
+  # Called from Python after JAX started (4 fake CPU devices here), --devices cannot re-split the CPU.
+  assert len(jax.devices()) == 4
+  assert cli.main(["train", "d", "--out", "o", "--devices", "8", "--batch-size", "8"]) == 2
+  assert "--devices 8: this process has only 4 cpu device(s)" in capsys.readouterr().err
+  assert "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", "")  # nothing changed
 
 
 @pytest.mark.parametrize("command", ["train", "explain", "demo"])
