@@ -130,7 +130,7 @@ def _attribute_one(params, image, labels, key, baseline_array, **static):
 _STATIC = ("n_perm", "max_regions", "batch_size", "estimator", "baseline_kind", "blur_sigma")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
 def _attribute_jit(params, image, labels, key, baseline_array, **static):
   return _attribute_one(params, image, labels, key, baseline_array, **static)
 
@@ -142,18 +142,18 @@ def _attribute_exportable(weights, image, labels, key_data, baseline_array, *, c
   return (result.values, result.stderr, result.n_evals, result.converged)
 
 
-@functools.partial(jax.jit, static_argnames=("baseline_kind", "blur_sigma"))
+@functools.partial(compilation.jit_forward, static_argnames=("baseline_kind", "blur_sigma"))
 def _attribute_endpoints_jit(params, image, labels, baseline_array, player_mask, *, baseline_kind, blur_sigma):
   value_fn = _value_fn(params, image, labels, baseline_array, baseline_kind=baseline_kind, blur_sigma=blur_sigma)
   return sampling.endpoint_values(value_fn, player_mask)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
 def _attribute_block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, **static):
   return _attribute_block(params, image, labels, key, baseline_array, state, start, v_empty_full, **static)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
 def _attribute_batch_jit(params, images, labels, key, baseline_array, **static):
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
   if baseline_array is not None and baseline_array.ndim == 4:
@@ -273,8 +273,10 @@ def attribute(
   key = _default_key(key)
   if compilation.exported_programs_enabled((params.weights, image, labels, key, array)):
     key_data, key_impl = compilation.key_parts(key)
-    fields = compilation.call("attribute", _attribute_exportable, (params.weights, image, labels, key_data, array),
-                              dict(config=params.config, key_impl=key_impl, **static))
+    args = (params.weights, image, labels, key_data, array)
+    fields = compilation.call("attribute", _attribute_exportable, args, dict(config=params.config, key_impl=key_impl,
+                                                                             **static),
+                              compiler_options=compilation.forward_options(args))
     return sampling.ShapleyResult(*fields)
   return _attribute_jit(params, image, labels, key, array, **static)
 

@@ -17,6 +17,11 @@ unreadable file is reported with a warning and traced again; a file is written w
 Programs called inside a user's ``jit`` are traced as usual.
 
 As with JAX's own cache, the directory is trusted: do not share it with users you do not trust.
+
+The module also holds the XLA options of the library's forward-only (attribution) programs, :func:`jit_forward`:
+on CPU, XLA's YNNPACK fusions take the element-wise work around each convolution (bias, ReLU, the
+compositing and the loss) along with it, which made attribution 1.3-1.4x faster (``benchmarks/README.md``,
+session 7). Set ``SHAPJAX_XLA_DEFAULTS=1`` to compile with XLA's defaults instead.
 """
 
 from __future__ import annotations
@@ -189,3 +194,66 @@ def _versions() -> str:
     source.update(path.name.encode())
     source.update(path.read_bytes())
   return f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} shapjax {source.hexdigest()}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# XLA options of the forward-only programs.
+
+# YNNPACK fusions of convolutions and of element-wise ops (XLA:CPU's default fuses the convolutions alone): the bias,
+# ReLU, compositing and loss then run inside YNNPACK instead of as separate passes over each activation. Forward
+# pass + loss at batch 16 on one thread 148 -> 105 ms, attribution 1.3-1.4x; no gain for a training step (not used
+# there). Same values to float rounding (tests/test_compilation.py).
+_CPU_FORWARD_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_ELTWISE"}
+
+
+def forward_options(args) -> dict | None:
+  """The XLA options for a forward-only program called on ``args`` at top level, or None for XLA's defaults.
+
+  None inside a user's ``jit`` (JAX takes compiler options only on a top-level jit), on backends other than
+  CPU, with ``SHAPJAX_XLA_DEFAULTS`` set, and for a jaxlib that does not know the options.
+  """
+  if os.environ.get("SHAPJAX_XLA_DEFAULTS", "") not in ("", "0"):
+    return None
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+    return None
+  if jax.default_backend() != "cpu" or not _options_supported(tuple(sorted(_CPU_FORWARD_OPTIONS.items()))):
+    return None
+  return dict(_CPU_FORWARD_OPTIONS)
+
+
+@functools.cache
+def _options_supported(options: tuple) -> bool:
+  """Whether this jaxlib compiles a trivial program with ``options`` (they are experimental XLA flags)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+  except Exception:  # pylint: disable=broad-except  (JaxRuntimeError "No such compile option", or a bad value)
+    return False
+  return True
+
+
+def jit_forward(fn: Callable | None = None, *, static_argnames: tuple = ()):
+  """``jax.jit`` for a forward-only program: called at top level on CPU, it compiles with the options of
+  :func:`forward_options`; inside a user's ``jit`` or elsewhere it is the plain ``jax.jit(fn)``.
+
+  Usable as ``@jit_forward`` or ``@functools.partial(jit_forward, static_argnames=...)``. ``.lower`` is the plain
+  jit's (for inspecting the program); ``._cache_size()`` counts the compilations of every variant.
+  """
+  if fn is None:
+    return functools.partial(jit_forward, static_argnames=static_argnames)
+  static_argnames = tuple(static_argnames)
+  variants = {None: jax.jit(fn, static_argnames=static_argnames)}  # options (sorted items) -> jitted fn
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    options = forward_options((args, {k: v for k, v in kwargs.items() if k not in static_argnames}))
+    key = None if options is None else tuple(sorted(options.items()))
+    jitted = variants.get(key)
+    if jitted is None:
+      jitted = variants[key] = jax.jit(fn, static_argnames=static_argnames, compiler_options=options)
+    return jitted(*args, **kwargs)
+
+  call.lower = variants[None].lower
+  call._variants = variants  # pylint: disable=protected-access
+  call._cache_size = lambda: sum(jitted._cache_size() for jitted in variants.values())  # pylint: disable=protected-access
+  return call

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from shapjax import attribution, masking, model, sampling, segmentation
+from shapjax import attribution, compilation, masking, model, sampling, segmentation
 
 DEFAULT_AXIS = "devices"
 DEFAULT_DATASET_BATCH = 16
@@ -196,7 +196,7 @@ def _batch_mean(fn, mesh: Mesh):
 _STATIC = attribution._STATIC
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",) + _STATIC)
+@functools.partial(compilation.jit_forward, static_argnames=("mesh",) + _STATIC)
 def _images_program(params, images, labels, key, offset, baseline_array, *, mesh, **static):
   """Attributes ``images[j]`` with key ``fold_in(key, offset + j)``; with a mesh, one image shard per device."""
   per_image_baseline = baseline_array is not None and baseline_array.ndim == 4
@@ -270,7 +270,7 @@ def _merge_across(state: dict, axes: tuple[str, ...]) -> dict:
   return {**state, "units": jax.lax.psum(state["units"], axes), "count": count, "mean": mean, "m2": m2}
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",) + _STATIC)
+@functools.partial(compilation.jit_forward, static_argnames=("mesh",) + _STATIC)
 def _permutations_program(params, image, labels, key, baseline_array, *, mesh, n_perm, max_regions, batch_size,
                           estimator, baseline_kind, blur_sigma):
   """Returns ``(ShapleyResult, each device's own running statistics, stacked along a mesh-split axis)``."""

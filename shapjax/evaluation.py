@@ -44,7 +44,7 @@ import numpy as np
 import scipy.ndimage
 import skimage.transform
 
-from shapjax import attribution, masking, metrics, model, sampling, segmentation
+from shapjax import attribution, compilation, masking, metrics, model, sampling, segmentation
 
 SHAPLEY_MAPS = ("shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
@@ -108,7 +108,7 @@ def _needs_shapley(names: Sequence[str]) -> bool:
 
 # --- Per-image parts ---------------------------------------------------------------------------------------------
 
-@jax.jit
+@compilation.jit_forward
 def _reconstruct_one(params: model.AutoencoderParams, image: jax.Array) -> tuple[jax.Array, jax.Array]:
   reconstruction = model.reconstruct(params, image[None])[0]
   return reconstruction, jnp.mean(jnp.square(reconstruction - image), axis=-1)

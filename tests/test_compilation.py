@@ -1,5 +1,6 @@
 """enable_compilation_cache: exported programs give the plain programs' results, survive the process, and a bad
-cache file or directory gives a warning or a clear error, never a wrong result."""
+cache file or directory gives a warning or a clear error, never a wrong result. jit_forward: the attribution
+programs' XLA options apply at top level on CPU only, change no result, and fall back when unknown."""
 
 import json
 import os
@@ -156,3 +157,50 @@ def test_a_new_process_reuses_the_cache(tmp_path):
     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
   assert runs[0] == runs[1]
   assert any((tmp_path / "c" / "xla").iterdir())  # XLA's executables are kept too
+
+
+def _random_params():
+  return shapjax.init_autoencoder(SHAPE, key=jax.random.key(0), features=(8, 16), latent_features=4)
+
+
+def test_forward_options_apply_at_top_level_on_cpu_only(monkeypatch):
+  image, labels = _inputs()
+  assert jax.default_backend() == "cpu"
+  # This jaxlib knows the options (the README's attribution speed depends on them).
+  assert compilation.forward_options((image,)) == compilation._CPU_FORWARD_OPTIONS
+  seen = []
+  jax.jit(lambda x: seen.append(compilation.forward_options((x,))) or x)(image)
+  assert seen == [None]  # JAX refuses compiler options on a nested jit
+  monkeypatch.setenv("SHAPJAX_XLA_DEFAULTS", "1")
+  assert compilation.forward_options((image,)) is None
+
+
+def test_attribute_with_forward_options_equals_xla_defaults(monkeypatch):
+  params = _random_params()
+  image, labels = _inputs()
+  used = []
+  original = compilation.forward_options
+  monkeypatch.setattr(compilation, "forward_options", lambda args: used.append(original(args)) or used[-1])
+  tuned = _attribute(params, image, labels)
+  tuned_batch = shapjax.attribute_batch(params, image[None], labels[None], 4, max_regions=REGIONS)
+  assert used and all(options == compilation._CPU_FORWARD_OPTIONS for options in used)
+  from shapjax import attribution
+  tuned_key = tuple(sorted(compilation._CPU_FORWARD_OPTIONS.items()))
+  assert attribution._attribute_jit._variants[tuned_key]._cache_size() >= 1  # compiled with the options
+  monkeypatch.setenv("SHAPJAX_XLA_DEFAULTS", "1")
+  used.clear()
+  plain = _attribute(params, image, labels)
+  plain_batch = shapjax.attribute_batch(params, image[None], labels[None], 4, max_regions=REGIONS)
+  assert used and all(options is None for options in used)
+  scale = float(np.max(np.abs(plain.values)))
+  np.testing.assert_allclose(tuned.values, plain.values, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(tuned_batch.values, plain_batch.values, rtol=0, atol=1e-5 * scale)
+  assert not np.array_equal(tuned.values, np.zeros_like(tuned.values))
+
+
+def test_unknown_forward_options_fall_back_to_xla_defaults(monkeypatch):
+  monkeypatch.setattr(compilation, "_CPU_FORWARD_OPTIONS", {"xla_cpu_no_such_option_for_shapjax": "1"})
+  image, labels = _inputs()
+  assert compilation.forward_options((image,)) is None
+  result = _attribute(_random_params(), image, labels)
+  assert np.all(np.isfinite(result.values))
