@@ -368,18 +368,11 @@ def adam_step(config, optimizer, mesh=None):
     jitted ``step(weights, opt_state, images) -> (weights, opt_state, loss)``, traced on its first call.
   """
   import jax
-  import jax.numpy as jnp
   import optax
 
-  import shapjax
-  from shapjax import distributed
+  from shapjax import training
 
-  def loss_and_grads(weights, x):
-    return jax.value_and_grad(
-        lambda w: jnp.mean(shapjax.reconstruction_loss(shapjax.AutoencoderParams(w, config), x)))(weights)
-
-  if mesh is not None:
-    loss_and_grads = distributed._batch_mean(loss_and_grads, mesh)  # what shapjax.train(..., mesh=) does
+  loss_and_grads = training._loss_and_grads(config, mesh)  # the loss and gradients shapjax.train computes
 
   @jax.jit
   def step(weights, opt_state, x):

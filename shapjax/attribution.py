@@ -23,10 +23,6 @@ DEFAULT_N_PERM = 32
 DEFAULT_KEY_SEED = 0
 
 
-def _is_traced(x) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
 def _as_image(image, config: model.AutoencoderConfig, *, batched: bool) -> jax.Array:
   """Checks an image (or a batch) against the model and returns it as float32 in [0, 1]."""
   rank = 4 if batched else 3
@@ -46,7 +42,7 @@ def _as_image(image, config: model.AutoencoderConfig, *, batched: bool) -> jax.A
     return jnp.asarray(image, jnp.float32) / 255.0
   if not np.issubdtype(dtype, np.floating):
     raise TypeError(f"{what} must be float in [0, 1] or uint8, got dtype {dtype}")
-  if not _is_traced(image) and not bool(np.all(np.isfinite(np.asarray(image)))):
+  if not compilation.is_traced(image) and not bool(np.all(np.isfinite(np.asarray(image)))):
     raise ValueError(f"{what} contains NaN or inf")
   return jnp.asarray(image, jnp.float32)
 
@@ -60,7 +56,7 @@ def _as_labels(labels, image_hw: tuple[int, ...], max_regions: int, *, batched: 
                      f"{expected}, got shape {tuple(labels.shape)}")
   if not np.issubdtype(np.dtype(labels.dtype), np.integer):
     raise TypeError(f"labels must be an integer array of region ids, got dtype {labels.dtype}")
-  if not _is_traced(labels):
+  if not compilation.is_traced(labels):
     host = np.asarray(labels)
     lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= max_regions:
@@ -95,7 +91,7 @@ def _split_baseline(baseline, image_shape, *, batch_shape=None):
     if target != tuple(image_shape):
       raise ValueError(f"baseline array of shape {tuple(array.shape)} does not broadcast to the image shape "
                        f"{tuple(image_shape)}")
-  if not _is_traced(array) and not bool(np.all(np.isfinite(np.asarray(array, np.float64)))):
+  if not compilation.is_traced(array) and not bool(np.all(np.isfinite(np.asarray(array, np.float64)))):
     raise ValueError("baseline contains NaN or inf")
   return None, jnp.broadcast_to(jnp.asarray(array, jnp.float32), target)
 
@@ -168,7 +164,7 @@ def _attribute_batch_jit(params, images, labels, key, baseline_array, **static):
 
 def _attribute_until(params, image, labels, key, baseline_array, *, tol, max_evals, **static):
   """Blocks of ``n_perm`` units until the tolerance is met or ``max_evals`` would be exceeded."""
-  if _is_traced(labels):
+  if compilation.is_traced(labels):
     raise ValueError("tol needs concrete labels (the budget depends on the number of regions): call attribute "
                      "outside jit, or pass tol=None")
   n_regions = int(np.max(np.asarray(labels))) + 1

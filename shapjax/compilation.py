@@ -86,11 +86,22 @@ def enable_compilation_cache(directory: str | os.PathLike | None) -> Path | None
   return root
 
 
+def is_traced(args) -> bool:
+  """Whether any leaf of ``args`` is a tracer, i.e. the call happens inside a ``jit`` (or grad, vmap, ...)."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+
+
+def top_level_on_cpu(args) -> bool:
+  """Whether a program called on ``args`` is a top-level jit on the CPU backend (JAX takes compiler options only
+  on a top-level jit)."""
+  return not is_traced(args) and jax.default_backend() == "cpu"
+
+
 def exported_programs_enabled(args) -> bool:
   """Whether :func:`call` would go through the exported-program cache (enabled, and no traced input)."""
   if _settings["exported_dir"] is None:
     return False
-  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+  return not is_traced(args)
 
 
 def call(name: str, fn: Callable, args: tuple, static: dict, *, compiler_options: dict | None = None):
@@ -213,11 +224,9 @@ def forward_options(args) -> dict | None:
   None inside a user's ``jit`` (JAX takes compiler options only on a top-level jit), on backends other than
   CPU, with ``SHAPJAX_XLA_DEFAULTS`` set, and for a jaxlib that does not know the options.
   """
-  if os.environ.get("SHAPJAX_XLA_DEFAULTS", "") not in ("", "0"):
+  if os.environ.get("SHAPJAX_XLA_DEFAULTS", "") not in ("", "0") or not top_level_on_cpu(args):
     return None
-  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
-    return None
-  if jax.default_backend() != "cpu" or not _options_supported(tuple(sorted(_CPU_FORWARD_OPTIONS.items()))):
+  if not _options_supported(tuple(sorted(_CPU_FORWARD_OPTIONS.items()))):
     return None
   return dict(_CPU_FORWARD_OPTIONS)
 

@@ -339,7 +339,7 @@ def _init_exportable(key_data: jax.Array, *, config: AutoencoderConfig, key_impl
 
 
 def _init_weights(config: AutoencoderConfig, key: jax.Array) -> dict:
-  top_level_on_cpu = not isinstance(key, jax.core.Tracer) and jax.default_backend() == "cpu"
+  top_level_on_cpu = compilation.top_level_on_cpu((key,))
   if compilation.exported_programs_enabled((key,)):
     key_data, key_impl = compilation.key_parts(key)
     return compilation.call("init_autoencoder", _init_exportable, (key_data,), dict(config=config, key_impl=key_impl),

@@ -154,6 +154,23 @@ def augment(images: jax.Array, key: jax.Array, *, flips: bool, max_shift: int) -
   return images
 
 
+def _loss_and_grads(model_config: model.AutoencoderConfig, mesh=None):
+  """``(weights, f32[B, H, W, C]) -> (mean reconstruction loss, its gradient)``, traceable.
+
+  With a ``mesh``, data parallel: each device differentiates its own share of the batch and the results are
+  averaged across devices (:func:`shapjax.distributed._batch_mean`).
+  """
+  def loss_and_grads(weights, batch):
+    def loss_fn(w):
+      return jnp.mean(model.reconstruction_loss(model.AutoencoderParams(weights=w, config=model_config), batch))
+    return jax.value_and_grad(loss_fn)(weights)
+
+  if mesh is None:
+    return loss_and_grads
+  from shapjax import distributed  # pylint: disable=g-import-not-at-top
+  return distributed._batch_mean(loss_and_grads, mesh)
+
+
 def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_config, batch_size, flips,
                 max_shift, mesh=None):
   """One Adam step on the batch that ``fold_in(key, step)`` draws. Returns (weights, opt_state, loss).
@@ -165,15 +182,7 @@ def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_c
   index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
   batch = augment(images[index], augment_key, flips=flips, max_shift=max_shift)
 
-  def loss_and_grads(w, batch):
-    def loss_fn(w):
-      return jnp.mean(model.reconstruction_loss(model.AutoencoderParams(weights=w, config=model_config), batch))
-    return jax.value_and_grad(loss_fn)(w)
-
-  if mesh is not None:
-    from shapjax import distributed  # pylint: disable=g-import-not-at-top
-    loss_and_grads = distributed._batch_mean(loss_and_grads, mesh)
-  loss, grads = loss_and_grads(weights, batch)
+  loss, grads = _loss_and_grads(model_config, mesh)(weights, batch)
   updates, opt_state = _optimizer().update(grads, opt_state, weights)
   weights = jax.tree.map(lambda w, u: w - learning_rate * u, weights, updates)
   return weights, opt_state, loss
