@@ -539,7 +539,7 @@ def main(argv=None) -> None:
   parser.add_argument("--child-cache", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child-start", default="0", help=argparse.SUPPRESS)
   parser.add_argument("--cpu-devices", type=int, default=0,
-                      help="on CPU: shapjax.use_cpu_devices(N) (N devices of one thread each; child processes keep "
+                      help="on CPU: shapjax.use_cpu_devices(N) (N devices, one per core; child processes keep "
                       "the default single device) and add a row for attribute(mesh=make_mesh()) over them")
   parser.add_argument("--sharded-batch-size", type=int, default=None,
                       help="batch_size per device of the mesh row (default: shapjax's)")

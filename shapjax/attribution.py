@@ -231,8 +231,8 @@ def attribute(
       blocks of ``n_perm`` units (one compiled program); None runs ``n_perm`` units once. Needs concrete labels.
     max_evals: evaluation budget with ``tol`` (default: 64 blocks); ``converged`` is False when it ran out.
     mesh: split the permutations across the devices of this mesh (:func:`shapjax.attribute_sharded`; the
-      same values to float tolerance). On a CPU, one single-threaded XLA device per core
-      (:func:`shapjax.use_cpu_devices`) is faster than one multi-threaded device. Not combined with ``tol``.
+      same values to float tolerance). On a CPU, one XLA device per core (:func:`shapjax.use_cpu_devices`)
+      is faster than one multi-threaded device. Not combined with ``tol``.
 
   Returns:
     :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``.

@@ -88,7 +88,7 @@ def _add_train(subparsers) -> None:
                       help="keep the last K checkpoints (default 3)")
   parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
                       help="data parallel over N devices, each taking batch-size/N images of every step (default 1). "
-                      "On a CPU these are N single-threaded CPU devices (shapjax.use_cpu_devices): the fast way to "
+                      "On a CPU these are N CPU devices, one per core (shapjax.use_cpu_devices): the fast way to "
                       "train on a multi-core CPU. Same batches, same params to float tolerance")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   parser.set_defaults(handler=_run_train)

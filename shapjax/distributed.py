@@ -45,14 +45,18 @@ DEFAULT_DATASET_BATCH = 16
 
 
 def use_cpu_devices(n_devices: int | None = None) -> int:
-  """Splits the host CPU into ``n_devices`` JAX devices that run one thread each: the fast way to use a CPU.
+  """Splits the host CPU into ``n_devices`` JAX devices, one per core: the fast way to use a CPU.
 
   XLA's CPU convolutions hardly use a second core, so one CPU device leaves most of a multi-core machine idle.
-  One single-threaded device per core, and a mesh over them, keeps every core busy on its own share of the
-  permutations (``shapjax.attribute(..., mesh=shapjax.make_mesh())``) or of the images
-  (:func:`attribute_dataset`, ``attribute_batch(..., mesh=...)``); ``benchmarks/README.md`` has the numbers.
-  It sets ``jax_num_cpu_devices`` and adds ``--xla_cpu_multi_thread_eigen=false`` to ``XLA_FLAGS``, so it must
-  run before JAX starts its backends, i.e. before the first JAX computation of the process.
+  One device per core, and a mesh over them, keeps every core busy on its own share of the permutations
+  (``shapjax.attribute(..., mesh=shapjax.make_mesh())``) or of the images (:func:`attribute_dataset`,
+  ``attribute_batch(..., mesh=...)``); ``benchmarks/README.md`` has the numbers. It sets ``jax_num_cpu_devices``
+  and adds ``--xla_cpu_multi_thread_eigen=false`` to ``XLA_FLAGS``, so it must run before JAX starts its
+  backends, i.e. before the first JAX computation of the process.
+
+  Each device then runs its convolutions on one thread; XLA's matrix products (``dot``) and the program's
+  thunks still draw on the process's one pool of a thread per core, shared by the devices. ``PJRT_NPROC=1`` makes
+  that pool one thread; it gave no gain for attribution or training on 2 cores (``benchmarks/README.md``).
 
   Args:
     n_devices: number of CPU devices; defaults to the cores this process may run on.

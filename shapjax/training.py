@@ -239,8 +239,8 @@ def train(
     mesh: data parallel over its devices (e.g. ``shapjax.make_mesh()``, after :func:`shapjax.use_cpu_devices`
       on a CPU): each device takes ``batch_size / devices`` images of every batch and the gradients are averaged
       across devices. The batches are the same as on one device, so the params agree to float tolerance.
-      Training is memory-bound: on 2 CPU cores sharing one memory bus, two single-threaded devices ran about
-      1.2-1.3x the steps of one (``benchmarks/contention.py`` tells whether a machine's cores scale).
+      On 2 CPU cores the mesh ran 1.1-1.3x the steps of one device, which already spreads its matrix products
+      over both cores (``benchmarks/contention.py`` tells how a machine's cores scale).
 
   Returns:
     :class:`shapjax.AutoencoderParams` after ``config.steps`` steps, on the default device.

@@ -76,7 +76,7 @@ def test_train_resume_and_refusal(trained, dataset):
 
 
 def test_train_data_parallel_over_cpu_devices(trained, dataset, tmp_path):
-  # --devices 2 in a fresh process splits the CPU into 2 single-threaded devices and trains with a mesh: the
+  # --devices 2 in a fresh process splits the CPU into 2 devices (use_cpu_devices) and trains with a mesh: the
   # batches are those of the one-device run, so the params agree to float tolerance.
   out, _ = trained
   args = ("train", dataset, "--out", tmp_path / "two", "--steps", 4, "--image-size", 24, 40, "--features", "4,8",
