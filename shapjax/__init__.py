@@ -20,11 +20,10 @@ _EXPORTS = {
     "load_mvtec": "data",
     "make_demo_dataset": "data",
     "read_image": "data",
-    "DatasetAttribution": "distributed",
-    "attribute_dataset": "distributed",
-    "attribute_sharded": "distributed",
-    "make_mesh": "distributed",
-    "use_cpu_devices": "distributed",
+    "DatasetAttribution": "streaming",
+    "attribute_dataset": "streaming",
+    "make_mesh": "devices",
+    "use_cpu_devices": "devices",
     "evaluate": "evaluation",
     "heatmap": "masking",
     "make_baseline": "masking",
@@ -74,8 +73,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.checkpoint import load, save
   from shapjax.compilation import enable_compilation_cache
   from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
-  from shapjax.distributed import (DatasetAttribution, attribute_dataset, attribute_sharded, make_mesh,
-                                    use_cpu_devices)
+  from shapjax.devices import make_mesh, use_cpu_devices
   from shapjax.evaluation import evaluate
   from shapjax.masking import heatmap, make_baseline, masked_value_fn
   from shapjax.metrics import aupro, image_auroc, pixel_auroc
@@ -85,4 +83,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.plots import plot_explanation, plot_loss_curve, plot_overlay_grid
   from shapjax.sampling import ShapleyResult, exact_shapley, shapley_values
   from shapjax.segmentation import segment, segment_batch
+  from shapjax.streaming import DatasetAttribution, attribute_dataset
   from shapjax.training import TrainConfig, train

@@ -1,4 +1,4 @@
-"""attribute(): Shapley values of superpixels for the autoencoder's reconstruction loss.
+"""attribute(): Shapley values of superpixels for the autoencoder's reconstruction loss, on one device or many.
 
 The characteristic function of an image ``x`` with label map ``labels`` and baseline ``b`` is
 
@@ -6,48 +6,105 @@ The characteristic function of an image ``x`` with label map ``labels`` and base
 
 where ``m_S`` is 1 on the pixels of the regions in S. A region whose presence raises the reconstruction loss
 (the autoencoder, trained on normal images only, cannot reproduce it) gets a large positive value.
+
+Every entry point (:func:`attribute`, :func:`attribute_batch`, and :func:`shapjax.attribute_dataset` through
+:func:`prepare`) goes through one front door, :func:`prepare`, which checks and normalises the images, labels
+and options and returns the options as one hashable :class:`AttributionOptions`: the static argument of every
+compiled program here. The programs:
+
+* one image (:func:`attribute`), or blocks of units until a tolerance is met (``tol=``);
+* permutations across devices (``attribute(..., mesh=)``): every device holds the image and the model and draws
+  its own contiguous range of units; the running statistics are merged with ``psum``
+  (:func:`shapjax.sampling.estimate_block` with ``axis_name``);
+* images across devices (``attribute_batch(..., mesh=)``, :func:`run_images`): the batch axis is split over the
+  mesh and each device attributes its own images with no communication.
+
+Unit ``i`` comes from ``fold_in(key, i)`` and image ``i`` of a batch from ``fold_in(key, i)``, so the results
+equal the one-device results to float tolerance whatever the number of devices or the chunk size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from shapjax import compilation, masking, model, sampling, segmentation
+from shapjax import devices, masking, model, pixels, sampling, segmentation, speedups
 
 DEFAULT_N_PERM = 32
 DEFAULT_KEY_SEED = 0
 
 
-def _as_image(image, config: model.AutoencoderConfig, *, batched: bool) -> jax.Array:
-  """Checks an image (or a batch) against the model and returns it as float32 in [0, 1]."""
-  rank = 4 if batched else 3
+@dataclasses.dataclass(frozen=True)
+class AttributionOptions:
+  """The static settings of an attribution program (frozen and hashable: one compiled program per value).
+
+  Built and checked by :func:`prepare`; every default is the one of :func:`attribute`.
+
+  Attributes:
+    n_perm: units (permutations, or kernel units) per image, or per block with ``tol``.
+    max_regions: number of players (padded region count).
+    batch_size: composites per autoencoder call.
+    estimator: one of :data:`shapjax.sampling.ESTIMATORS`.
+    baseline: a named baseline (``"blur"``, ``"mean"``, ``"zeros"``), or None when the baseline is an array
+      (passed to the program as data).
+    blur_sigma: Gaussian sigma in pixels for ``baseline="blur"``.
+  """
+
+  n_perm: int = DEFAULT_N_PERM
+  max_regions: int = segmentation.DEFAULT_MAX_REGIONS
+  batch_size: int = sampling.DEFAULT_BATCH_SIZE
+  estimator: str = sampling.DEFAULT_ESTIMATOR
+  baseline: str | None = masking.DEFAULT_BASELINE
+  blur_sigma: float = masking.DEFAULT_BLUR_SIGMA
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What :func:`prepare` returns: checked inputs as device arrays, and the options.
+
+  Attributes:
+    images: ``f32[H, W, C]`` (or ``[N, H, W, C]``) in ``[0, 1]``.
+    labels: ``i32[H, W]`` (or ``[N, H, W]``).
+    baseline: ``f32`` array of the image's (or the batch's) shape, or None for a named baseline.
+    options: the :class:`AttributionOptions`.
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  baseline: jax.Array | None
+  options: AttributionOptions
+
+
+def _check_images(array, config: model.AutoencoderConfig, *, batched: bool) -> jax.Array:
   what = "images" if batched else "image"
   expected = "[N, H, W, C]" if batched else "[H, W, C]"
-  if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-    image = np.asarray(image)
-  if image.ndim == rank - 1 and config.image_shape[-1] == 1:
-    image = image[..., None]
-  if image.ndim != rank:
-    raise ValueError(f"{what} must have shape {expected}, got shape {tuple(image.shape)}")
-  if image.shape[-1] != config.image_shape[-1]:
-    raise ValueError(f"{what} has {image.shape[-1]} channels but the autoencoder expects "
-                     f"{config.image_shape[-1]} (image shape {tuple(image.shape)})")
-  dtype = np.dtype(image.dtype)
-  if dtype == np.uint8:
-    return jnp.asarray(image, jnp.float32) / 255.0
-  if not np.issubdtype(dtype, np.floating):
-    raise TypeError(f"{what} must be float in [0, 1] or uint8, got dtype {dtype}")
-  if not compilation.is_traced(image) and not bool(np.all(np.isfinite(np.asarray(image)))):
-    raise ValueError(f"{what} contains NaN or inf")
-  return jnp.asarray(image, jnp.float32)
+  rank = 4 if batched else 3
+  if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+    array = np.asarray(array)
+  if array.ndim == rank - 1 and config.image_shape[-1] == 1:
+    array = array[..., None]
+  if array.ndim != rank:
+    raise ValueError(f"{what} must have shape {expected}, got shape {tuple(array.shape)}")
+  height, width, channels = config.image_shape
+  if array.shape[-1] != channels:
+    raise ValueError(f"{what} has {array.shape[-1]} channels but the autoencoder expects {channels} "
+                     f"({what} shape {tuple(array.shape)})")
+  if tuple(array.shape[-3:-1]) != (height, width):
+    raise ValueError(f"{what} is {array.shape[-3]}x{array.shape[-2]} pixels but the autoencoder was built for "
+                     f"{height}x{width}: resize it first (e.g. shapjax.read_image(path, image_size=({height}, "
+                     f"{width}))) or use a model trained at this size")
+  if batched and array.shape[0] < 1:
+    raise ValueError("images is empty: got shape " + str(tuple(array.shape)))
+  return jnp.asarray(pixels.as_float(array, what=what))
 
 
-def _as_labels(labels, image_hw: tuple[int, ...], max_regions: int, *, batched: bool) -> jax.Array:
+def _check_labels(labels, image_hw: tuple[int, ...], max_regions: int, *, batched: bool) -> jax.Array:
   if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
     labels = np.asarray(labels)
   expected = tuple(image_hw)
@@ -56,7 +113,7 @@ def _as_labels(labels, image_hw: tuple[int, ...], max_regions: int, *, batched: 
                      f"{expected}, got shape {tuple(labels.shape)}")
   if not np.issubdtype(np.dtype(labels.dtype), np.integer):
     raise TypeError(f"labels must be an integer array of region ids, got dtype {labels.dtype}")
-  if not compilation.is_traced(labels):
+  if not speedups.is_traced(labels):
     host = np.asarray(labels)
     lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= max_regions:
@@ -65,13 +122,7 @@ def _as_labels(labels, image_hw: tuple[int, ...], max_regions: int, *, batched: 
   return jnp.asarray(labels, jnp.int32)
 
 
-def _check_options(n_perm, max_regions, batch_size, estimator):
-  if not isinstance(max_regions, (int, np.integer)) or max_regions < 1:
-    raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
-  sampling._check_counts(int(max_regions), n_perm, batch_size, estimator)
-
-
-def _split_baseline(baseline, image_shape, *, batch_shape=None):
+def _split_baseline(baseline, image_shape, *, batch_shape=None) -> tuple[str | None, jax.Array | None]:
   """A string baseline is static (it selects code); anything else is data: an array of the image's shape.
 
   With ``batch_shape``, an array of that shape (one baseline per image) is kept as it is.
@@ -91,97 +142,201 @@ def _split_baseline(baseline, image_shape, *, batch_shape=None):
     if target != tuple(image_shape):
       raise ValueError(f"baseline array of shape {tuple(array.shape)} does not broadcast to the image shape "
                        f"{tuple(image_shape)}")
-  if not compilation.is_traced(array) and not bool(np.all(np.isfinite(np.asarray(array, np.float64)))):
+  if not speedups.is_traced(array) and not bool(np.all(np.isfinite(np.asarray(array, np.float64)))):
     raise ValueError("baseline contains NaN or inf")
   return None, jnp.broadcast_to(jnp.asarray(array, jnp.float32), target)
 
 
-def _value_fn(params, image, labels, baseline_array, *, baseline_kind, blur_sigma):
-  baseline = baseline_kind if baseline_kind is not None else baseline_array
+def prepare(params: model.AutoencoderParams, image: ArrayLike, labels: ArrayLike, n_perm: int, *,
+            batched: bool = False, baseline=masking.DEFAULT_BASELINE, blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
+            max_regions: int = segmentation.DEFAULT_MAX_REGIONS, batch_size: int | None = None,
+            estimator: str = sampling.DEFAULT_ESTIMATOR) -> Prepared:
+  """The front door of every attribution entry point: checks and normalises inputs and options.
 
-  def score_fn(images):
-    return model.reconstruction_loss(params, images)
+  Everything is checked before anything is compiled, with errors that name the problem: params of the wrong
+  type; an image of the wrong rank, channel count or height and width (it must match the model's
+  ``image_shape``); a dtype other than float, uint8 or uint16; a float image outside ``[0, 1]``; NaN or inf;
+  labels of the wrong shape or dtype, or ids outside ``[0, max_regions)``; sizes and an estimator the sampler
+  cannot take; a baseline that does not fit the image. Inside a user's ``jit`` the value checks are skipped.
 
-  return masking.masked_value_fn(score_fn, image, labels, baseline=baseline, blur_sigma=blur_sigma)
+  Args:
+    params: autoencoder params.
+    image: ``[H, W, C]`` (``[N, H, W, C]`` with ``batched``), float in ``[0, 1]``, uint8 or uint16.
+    labels: ``i32[H, W]`` (``[N, H, W]``).
+    n_perm: units per image (per block with ``tol``).
+    batched: whether ``image`` and ``labels`` carry a leading batch axis.
+    baseline: as in :func:`attribute`; with ``batched`` an array may also be ``f32[N, H, W, C]``.
+    blur_sigma: as in :func:`attribute`.
+    max_regions: as in :func:`attribute`.
+    batch_size: as in :func:`attribute`; None picks the backend's default.
+    estimator: as in :func:`attribute`.
+
+  Returns:
+    :class:`Prepared`.
+  """
+  model._check_params(params)  # pylint: disable=protected-access
+  if not isinstance(max_regions, (int, np.integer)) or max_regions < 1:
+    raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
+  batch_size = sampling.default_batch_size(batch_size)
+  sampling.check_counts(int(max_regions), n_perm, batch_size, estimator)
+  if not isinstance(blur_sigma, (int, float, np.integer, np.floating)) or not blur_sigma >= 0:
+    raise ValueError(f"blur_sigma must be a non-negative number, got {blur_sigma!r}")
+  image = _check_images(image, params.config, batched=batched)
+  labels = _check_labels(labels, image.shape[:-1], int(max_regions), batched=batched)
+  kind, array = _split_baseline(baseline, image.shape[-3:], batch_shape=image.shape if batched else None)
+  options = AttributionOptions(n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),
+                               estimator=estimator, baseline=kind, blur_sigma=float(blur_sigma))
+  return Prepared(images=image, labels=labels, baseline=array, options=options)
 
 
-def _attribute_block(params, image, labels, key, baseline_array, state, start, v_empty_full, *, n_perm,
-                     max_regions, batch_size, estimator, baseline_kind, blur_sigma):
-  """Units ``start .. start + n_perm - 1`` merged into ``state``: ``(state, result so far)``."""
-  value_fn = _value_fn(params, image, labels, baseline_array, baseline_kind=baseline_kind, blur_sigma=blur_sigma)
-  player_mask = jnp.arange(max_regions) < jnp.max(labels) + 1
-  if v_empty_full is None:
-    v_empty_full = sampling.endpoint_values(value_fn, player_mask)
-  return sampling.estimate_block(
-      value_fn, max_regions, n_perm, key=key, start=start, state=state, active=player_mask,
-      v_empty_full=v_empty_full, batch_size=batch_size, estimator=estimator)
+def value_function(params: model.AutoencoderParams, image: jax.Array, labels: jax.Array, baseline_array,
+                   options: AttributionOptions):
+  """The game of one image: ``bool[B, max_regions] -> f32[B]`` reconstruction losses of the composites."""
+  baseline = options.baseline if options.baseline is not None else baseline_array
+  return masking.masked_value_fn(lambda x: model.reconstruction_loss(params, x), image, labels, baseline=baseline,
+                                 blur_sigma=options.blur_sigma)
 
 
-def _attribute_one(params, image, labels, key, baseline_array, **static):
-  state = sampling.init_state(static["max_regions"], static["estimator"])
-  _, result = _attribute_block(params, image, labels, key, baseline_array, state, 0, None, **static)
+def _active(labels: jax.Array, max_regions: int) -> jax.Array:
+  return jnp.arange(max_regions) < jnp.max(labels) + 1
+
+
+def _attribute_one(params, image, labels, key, baseline_array, options: AttributionOptions, *, start=0,
+                   axis_name=None) -> sampling.ShapleyResult:
+  """Units ``start .. start + n_perm - 1`` of one image (each device's own with ``axis_name``)."""
+  value_fn = value_function(params, image, labels, baseline_array, options)
+  active = _active(labels, options.max_regions)
+  _, result = sampling.estimate_block(
+      value_fn, options.max_regions, options.n_perm, key=key, start=start,
+      state=sampling.init_state(options.max_regions, options.estimator), active=active,
+      v_empty_full=sampling.endpoint_values(value_fn, active), batch_size=options.batch_size,
+      estimator=options.estimator, axis_name=axis_name)
   return result
 
 
-_STATIC = ("n_perm", "max_regions", "batch_size", "estimator", "baseline_kind", "blur_sigma")
+@functools.partial(speedups.jit_forward, static_argnames=("options",))
+def _attribute_jit(params, image, labels, key, baseline_array, *, options):
+  return _attribute_one(params, image, labels, key, baseline_array, options)
 
 
-@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
-def _attribute_jit(params, image, labels, key, baseline_array, **static):
-  return _attribute_one(params, image, labels, key, baseline_array, **static)
+@functools.partial(speedups.jit_forward, static_argnames=("options",))
+def _endpoints_jit(params, image, labels, baseline_array, active, *, options):
+  return sampling.endpoint_values(value_function(params, image, labels, baseline_array, options), active)
 
 
-def _attribute_exportable(weights, image, labels, key_data, baseline_array, *, config, key_impl, **static):
-  """:func:`_attribute_one` over built-in containers only, for :func:`shapjax.compilation.call`."""
-  params = model.AutoencoderParams(weights=weights, config=config)
-  result = _attribute_one(params, image, labels, compilation.wrap_key(key_data, key_impl), baseline_array, **static)
-  return (result.values, result.stderr, result.n_evals, result.converged)
+@functools.partial(speedups.jit_forward, static_argnames=("options",))
+def _block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, *, options):
+  value_fn = value_function(params, image, labels, baseline_array, options)
+  return sampling.estimate_block(
+      value_fn, options.max_regions, options.n_perm, key=key, start=start, state=state,
+      active=_active(labels, options.max_regions), v_empty_full=v_empty_full, batch_size=options.batch_size,
+      estimator=options.estimator)
 
 
-@functools.partial(compilation.jit_forward, static_argnames=("baseline_kind", "blur_sigma"))
-def _attribute_endpoints_jit(params, image, labels, baseline_array, player_mask, *, baseline_kind, blur_sigma):
-  value_fn = _value_fn(params, image, labels, baseline_array, baseline_kind=baseline_kind, blur_sigma=blur_sigma)
-  return sampling.endpoint_values(value_fn, player_mask)
-
-
-@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
-def _attribute_block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, **static):
-  return _attribute_block(params, image, labels, key, baseline_array, state, start, v_empty_full, **static)
-
-
-@functools.partial(compilation.jit_forward, static_argnames=_STATIC)
-def _attribute_batch_jit(params, images, labels, key, baseline_array, **static):
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
-  if baseline_array is not None and baseline_array.ndim == 4:
-    xs = (images, labels, keys, baseline_array)
-    one = lambda args: _attribute_one(params, *args, **static)
-  else:
-    xs = (images, labels, keys)
-    one = lambda args: _attribute_one(params, *args, baseline_array, **static)
-  # lax.map, not vmap: each image's padding-skipping lax.cond stays a real branch, and memory stays bounded.
-  return jax.lax.map(one, xs)
-
-
-def _attribute_until(params, image, labels, key, baseline_array, *, tol, max_evals, **static):
+def _attribute_until(params, image, labels, key, baseline_array, options, *, tol, max_evals):
   """Blocks of ``n_perm`` units until the tolerance is met or ``max_evals`` would be exceeded."""
-  if compilation.is_traced(labels):
+  if speedups.is_traced(labels):
     raise ValueError("tol needs concrete labels (the budget depends on the number of regions): call attribute "
                      "outside jit, or pass tol=None")
   n_regions = int(np.max(np.asarray(labels))) + 1
-  player_mask = jnp.arange(static["max_regions"]) < n_regions
-  v_empty_full = _attribute_endpoints_jit(params, image, labels, baseline_array, player_mask,
-                                          baseline_kind=static["baseline_kind"], blur_sigma=static["blur_sigma"])
+  active = jnp.arange(options.max_regions) < n_regions
+  v_empty_full = _endpoints_jit(params, image, labels, baseline_array, active, options=options)
 
   def block_fn(state, start):
-    return _attribute_block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, **static)
+    return _block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, options=options)
 
-  estimator = static["estimator"]
-  return sampling.run_blocks(block_fn, sampling.init_state(static["max_regions"], estimator),
-                             n_perm=static["n_perm"], units_cost=sampling.evals_per_unit(n_regions, estimator),
-                             tol=tol, max_evals=max_evals, active=player_mask)
+  return sampling.run_blocks(block_fn, sampling.init_state(options.max_regions, options.estimator),
+                             n_perm=options.n_perm, units_cost=sampling.evals_per_unit(n_regions, options.estimator),
+                             tol=tol, max_evals=max_evals, active=active)
 
 
-def _default_key(key):
+@functools.partial(speedups.jit_forward, static_argnames=("options", "mesh"))
+def _permutations_program(params, image, labels, key, baseline_array, *, options, mesh):
+  """One image, each device drawing ``n_perm / devices`` units; the statistics merged with ``psum``."""
+  names = devices.axes(mesh)
+  per_device = dataclasses.replace(options, n_perm=options.n_perm // mesh.size)
+
+  def local(params, image, labels, key, baseline_array):
+    start = jax.lax.axis_index(names) * per_device.n_perm
+    return _attribute_one(params, image, labels, key, baseline_array, per_device, start=start, axis_name=names)
+
+  # check_vma=False: the sampler's lax.cond returns zeros (device-invariant) on one branch and model outputs
+  # (device-varying) on the other; the result is built from psums, hence the same on every device.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 5, out_specs=P(), check_vma=False)(
+      params, image, labels, key, baseline_array)
+
+
+def _attribute_on_mesh(params, prepared: Prepared, key, mesh) -> sampling.ShapleyResult:
+  mesh = devices.check_mesh(mesh)
+  options = prepared.options
+  unit = mesh.size * sampling.sample_group(options.estimator)
+  if options.n_perm % unit:
+    raise ValueError(f"attribute(..., mesh=) gives every one of the {mesh.size} devices the same number of whole "
+                     f"{options.estimator!r} samples: n_perm must be a multiple of {unit}, got {options.n_perm} "
+                     f"(try {-(-options.n_perm // unit) * unit})")
+  args = devices.replicate((params, prepared.images, prepared.labels, key, prepared.baseline), mesh)
+  return _permutations_program(*args, options=options, mesh=mesh)
+
+
+@functools.partial(speedups.jit_forward, static_argnames=("options", "mesh"))
+def _images_program(params, images, labels, key, offset, baseline_array, *, options, mesh):
+  """Attributes ``images[j]`` with key ``fold_in(key, offset + j)``; with a mesh, one image shard per device."""
+  per_image_baseline = baseline_array is not None and baseline_array.ndim == 4
+
+  def local(params, images, labels, key, offset, baseline_array):
+    n_local = images.shape[0]
+    first = offset if mesh is None else offset + jax.lax.axis_index(devices.axes(mesh)) * n_local
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n_local))
+    if per_image_baseline:
+      xs = (images, labels, keys, baseline_array)
+      one = lambda args: _attribute_one(params, *args, options)
+    else:
+      xs = (images, labels, keys)
+      one = lambda args: _attribute_one(params, *args, baseline_array, options)
+    # lax.map, not vmap: each image's padding-skipping lax.cond stays a real branch, and memory stays bounded.
+    return jax.lax.map(one, xs)
+
+  if mesh is None:
+    return local(params, images, labels, key, offset, baseline_array)
+  rows, whole = P(devices.axes(mesh)), P()
+  in_specs = (whole, rows, rows, whole, whole, rows if per_image_baseline else whole)
+  # check_vma=False as in _permutations_program: the per-device program is the one-device program.
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(
+      params, images, labels, key, offset, baseline_array)
+
+
+def run_images(params: model.AutoencoderParams, images, labels, key: jax.Array, *, offset: int, baseline_array,
+               options: AttributionOptions, mesh=None) -> sampling.ShapleyResult:
+  """Dispatches one compiled batch program on prepared inputs (asynchronously: JAX returns before it finishes).
+
+  Image ``j`` uses ``fold_in(key, offset + j)``. With a mesh, ``images`` and ``labels`` must hold a multiple
+  of the device count of rows on the host (they are split over the mesh; several hosts each pass their own
+  rows) and ``params``, ``key`` and a shared baseline must be replicated (:func:`shapjax.devices.replicate`).
+
+  Args:
+    params: autoencoder params.
+    images: ``f32[N, H, W, C]`` checked by :func:`prepare`.
+    labels: ``i32[N, H, W]``.
+    key: PRNG key.
+    offset: index of ``images[0]`` in the whole run.
+    baseline_array: None, ``f32[H, W, C]`` or ``f32[N, H, W, C]``.
+    options: from :func:`prepare`.
+    mesh: split the images over this mesh, or None for the default device.
+
+  Returns:
+    :class:`shapjax.ShapleyResult` with a leading axis of size N (global, batch-sharded with a mesh).
+  """
+  offset = jnp.int32(offset)
+  if mesh is None:
+    return _images_program(params, images, labels, key, offset, baseline_array, options=options, mesh=None)
+  images, labels = devices.put_rows(images, mesh), devices.put_rows(labels, mesh)
+  if baseline_array is not None and baseline_array.ndim == 4:
+    baseline_array = devices.put_rows(baseline_array, mesh)
+  return _images_program(params, images, labels, key, offset, baseline_array, options=options, mesh=mesh)
+
+
+def default_key(key: jax.Array | None) -> jax.Array:
+  """``key`` itself, or ``jax.random.key(0)`` when None."""
   return jax.random.key(DEFAULT_KEY_SEED) if key is None else key
 
 
@@ -207,14 +362,15 @@ def attribute(
   reconstruction of the composite ``x_S`` and ``x_S`` itself, where ``x_S`` keeps the regions in S and takes
   the others from the baseline. The region with the largest value is the likeliest anomaly.
 
-  Inputs are checked before anything is compiled. Label ids ``>= max(labels) + 1`` are padding: null players
-  that get exactly 0 and cost no evaluation, so one compiled program serves every image of a shape. The
-  function also works inside a user's ``jit`` (value checks are then skipped).
+  Inputs are checked before anything is compiled (:func:`prepare`). Label ids ``>= max(labels) + 1`` are
+  padding: null players that get exactly 0 and cost no evaluation, so one compiled program serves every image
+  of a shape. The function also works inside a user's ``jit`` (value checks are then skipped).
 
   Args:
     params: autoencoder params (:func:`shapjax.init_autoencoder`, :func:`shapjax.train`,
       :func:`shapjax.load`).
-    image: ``f32[H, W, C]`` in ``[0, 1]`` or ``uint8[H, W, C]`` (``[H, W]`` for a grey model).
+    image: ``f32[H, W, C]`` in ``[0, 1]``, or ``uint8[H, W, C]`` (``[H, W]`` for a grey model); H and W must
+      be the model's (``params.config.image_shape``).
     labels: ``i32[H, W]`` region ids in ``[0, max_regions)``, e.g. from :func:`shapjax.segment`.
     n_perm: permutations (or kernel units) to sample: even for ``"antithetic"``, a multiple of 16 for
       ``"stratified"``; the block size with ``tol``.
@@ -230,9 +386,10 @@ def attribute(
     tol: stop when ``max(stderr) < tol * (max(values) - min(values))`` over the image's regions, running
       blocks of ``n_perm`` units (one compiled program); None runs ``n_perm`` units once. Needs concrete labels.
     max_evals: evaluation budget with ``tol`` (default: 64 blocks); ``converged`` is False when it ran out.
-    mesh: split the permutations across the devices of this mesh (:func:`shapjax.attribute_sharded`; the
-      same values to float tolerance). On a CPU, one XLA device per core (:func:`shapjax.use_cpu_devices`)
-      is faster than one multi-threaded device. Not combined with ``tol``.
+    mesh: split the permutations across the devices of this mesh (:func:`shapjax.make_mesh`): ``n_perm`` must
+      be a multiple of the device count times the estimator's group (2 for ``"antithetic"``, 16 for
+      ``"stratified"``); the same values to float tolerance. On a CPU, one XLA device per core
+      (:func:`shapjax.use_cpu_devices`) is faster than one multi-threaded device. Not combined with ``tol``.
 
   Returns:
     :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``.
@@ -246,35 +403,18 @@ def attribute(
     >>> result.values.shape
     (8,)
   """
-  if mesh is not None:  # attribute_sharded checks the inputs as below
+  prepared = prepare(params, image, labels, n_perm, baseline=baseline, blur_sigma=blur_sigma,
+                     max_regions=max_regions, batch_size=batch_size, estimator=estimator)
+  sampling.check_stopping(tol, max_evals)
+  key = default_key(key)
+  if mesh is not None:
     if tol is not None:
       raise ValueError("attribute: give either mesh or tol, not both")
-    from shapjax import distributed  # pylint: disable=g-import-not-at-top
-    return distributed.attribute_sharded(params, image, labels, n_perm, mesh=mesh, key=key, baseline=baseline,
-                                         blur_sigma=blur_sigma, max_regions=max_regions, batch_size=batch_size,
-                                         estimator=estimator)
-  model._check_params(params)
-  batch_size = sampling.default_batch_size(batch_size)
-  _check_options(n_perm, max_regions, batch_size, estimator)
-  image = _as_image(image, params.config, batched=False)
-  labels = _as_labels(labels, image.shape[:2], int(max_regions), batched=False)
-  kind, array = _split_baseline(baseline, image.shape)
-  sampling._check_stopping(tol, max_evals)
+    return _attribute_on_mesh(params, prepared, key, mesh)
   if tol is not None:
-    return _attribute_until(params, image, labels, _default_key(key), array, tol=tol, max_evals=max_evals,
-                            n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),
-                            estimator=estimator, baseline_kind=kind, blur_sigma=float(blur_sigma))
-  static = dict(n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
-                baseline_kind=kind, blur_sigma=float(blur_sigma))
-  key = _default_key(key)
-  if compilation.exported_programs_enabled((params.weights, image, labels, key, array)):
-    key_data, key_impl = compilation.key_parts(key)
-    args = (params.weights, image, labels, key_data, array)
-    fields = compilation.call("attribute", _attribute_exportable, args, dict(config=params.config, key_impl=key_impl,
-                                                                             **static),
-                              compiler_options=compilation.forward_options(args))
-    return sampling.ShapleyResult(*fields)
-  return _attribute_jit(params, image, labels, key, array, **static)
+    return _attribute_until(params, prepared.images, prepared.labels, key, prepared.baseline, prepared.options,
+                            tol=tol, max_evals=max_evals)
+  return _attribute_jit(params, prepared.images, prepared.labels, key, prepared.baseline, options=prepared.options)
 
 
 def attribute_batch(
@@ -298,7 +438,7 @@ def attribute_batch(
 
   Args:
     params: autoencoder params.
-    images: ``f32[N, H, W, C]`` or ``uint8[N, H, W, C]``.
+    images: ``f32[N, H, W, C]`` in ``[0, 1]`` or ``uint8[N, H, W, C]``.
     labels: ``i32[N, H, W]``.
     n_perm: permutations per image.
     key: PRNG key; defaults to ``jax.random.key(0)``.
@@ -314,19 +454,23 @@ def attribute_batch(
   Returns:
     :class:`shapjax.ShapleyResult` whose fields have a leading axis of size N.
   """
-  model._check_params(params)
-  batch_size = sampling.default_batch_size(batch_size)
-  _check_options(n_perm, max_regions, batch_size, estimator)
-  images = _as_image(images, params.config, batched=True)
-  labels = _as_labels(labels, images.shape[:3], int(max_regions), batched=True)
-  kind, array = _split_baseline(baseline, images.shape[1:], batch_shape=images.shape)
-  if mesh is not None:
-    from shapjax import distributed  # the sharded program builds on this module's per-image core
-
-    return distributed._attribute_batch_on_mesh(
-        params, images, labels, _default_key(key), array, mesh=mesh, n_perm=int(n_perm),
-        max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator, baseline_kind=kind,
-        blur_sigma=float(blur_sigma))
-  return _attribute_batch_jit(params, images, labels, _default_key(key), array, n_perm=int(n_perm),
-                              max_regions=int(max_regions), batch_size=int(batch_size), estimator=estimator,
-                              baseline_kind=kind, blur_sigma=float(blur_sigma))
+  prepared = prepare(params, images, labels, n_perm, batched=True, baseline=baseline, blur_sigma=blur_sigma,
+                     max_regions=max_regions, batch_size=batch_size, estimator=estimator)
+  key = default_key(key)
+  if mesh is None:
+    return run_images(params, prepared.images, prepared.labels, key, offset=0, baseline_array=prepared.baseline,
+                      options=prepared.options)
+  mesh = devices.check_mesh(mesh)
+  n_images = prepared.images.shape[0]
+  n_rows = -(-n_images // mesh.size) * mesh.size
+  baseline_array = prepared.baseline
+  if baseline_array is not None:
+    baseline_array = (devices.pad_rows(np.asarray(baseline_array), n_rows) if baseline_array.ndim == 4
+                      else devices.replicate(baseline_array, mesh))
+  params, key = devices.replicate((params, key), mesh)
+  result = run_images(params, devices.pad_rows(np.asarray(prepared.images), n_rows),
+                      devices.pad_rows(np.asarray(prepared.labels), n_rows), key, offset=0,
+                      baseline_array=baseline_array, options=prepared.options, mesh=mesh)
+  if n_rows != n_images:  # drop the padding rows; gathered first, which any mesh's axis types allow
+    result = jax.tree.map(lambda x: devices.replicate(x, mesh)[:n_images], result)
+  return result

@@ -44,7 +44,7 @@ import numpy as np
 import scipy.ndimage
 import skimage.transform
 
-from shapjax import attribution, compilation, masking, metrics, model, sampling, segmentation
+from shapjax import attribution, masking, metrics, model, sampling, segmentation, speedups
 
 SHAPLEY_MAPS = ("shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
@@ -92,7 +92,12 @@ class MapSettings:
                        f"got {self.baseline!r}")
 
 
-def _parse_map(name: str) -> tuple[str, str | None]:
+def parse_map_name(name: str) -> tuple[str, str | None]:
+  """Splits a map name into ``(base, ablation)``: ``"shapley_area:shuffled"`` -> ``("shapley_area", "shuffled")``.
+
+  Raises:
+    ValueError: naming the map, for an unknown base map or ablation.
+  """
   base, _, ablation = name.partition(":")
   if base not in BASE_MAPS:
     raise ValueError(f"unknown map {name!r}; choose from {BASE_MAPS} (Shapley maps may end in "
@@ -103,12 +108,12 @@ def _parse_map(name: str) -> tuple[str, str | None]:
 
 
 def _needs_shapley(names: Sequence[str]) -> bool:
-  return any(_parse_map(n)[0] != "residual" for n in names)
+  return any(parse_map_name(n)[0] != "residual" for n in names)
 
 
 # --- Per-image parts ---------------------------------------------------------------------------------------------
 
-@compilation.jit_forward
+@speedups.jit_forward
 def _reconstruct_one(params: model.AutoencoderParams, image: jax.Array) -> tuple[jax.Array, jax.Array]:
   reconstruction = model.reconstruct(params, image[None])[0]
   return reconstruction, jnp.mean(jnp.square(reconstruction - image), axis=-1)
@@ -188,7 +193,7 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   Returns:
     ``f32[H, W]`` at the model's size; higher is more anomalous.
   """
-  base, ablation = _parse_map(name)
+  base, ablation = parse_map_name(name)
   smooth = lambda m: scipy.ndimage.gaussian_filter(m, settings.sigma, mode="nearest") if settings.sigma > 0 else m
   residual = smooth(np.asarray(parts["residual"], np.float64))
   if base == "residual":
@@ -328,10 +333,10 @@ def evaluate(
   """
   names = list(dict.fromkeys(maps))
   for name in names:
-    _parse_map(name)
+    parse_map_name(name)
   settings = MapSettings(n_perm=int(n_perm), regions=regions, baseline=baseline, estimator=estimator,
                          sigma=float(sigma), seed=int(seed))
-  attribution._check_options(settings.n_perm, max(settings.regions), sampling.DEFAULT_BATCH_SIZE, estimator)
+  sampling.check_counts(max(settings.regions), settings.n_perm, sampling.DEFAULT_BATCH_SIZE, estimator)
   split = _load_split(data_or_split, params)
   if tuple(split.images.shape[1:]) != tuple(params.config.image_shape):
     raise ValueError(f"test images have shape {split.images.shape[1:]} but the model expects "
@@ -368,7 +373,7 @@ def evaluate(
     for name in names:
       image_maps[name].append(anomaly_map(name, parts, settings=settings, seed=settings.seed + index))
       cost = float(parts["residual_seconds"])
-      if _parse_map(name)[0] != "residual":
+      if parse_map_name(name)[0] != "residual":
         cost += float(parts["shapley_seconds"])
       seconds[name].append(cost)
 

@@ -92,7 +92,8 @@ def default_batch_size(batch_size: int | None = None):
   return CPU_BATCH_SIZE if jax.default_backend() == "cpu" else DEFAULT_BATCH_SIZE
 
 
-def _check_counts(n_players: int, n_perm: int, batch_size: int, estimator: str) -> None:
+def check_counts(n_players: int, n_perm: int, batch_size: int, estimator: str) -> None:
+  """ValueErrors that name the problem for sizes and an estimator the sampler cannot take."""
   if not isinstance(n_players, (int, np.integer)) or n_players < 1:
     raise ValueError(f"n_players must be a positive int, got {n_players!r}")
   if not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
@@ -109,7 +110,8 @@ def _check_counts(n_players: int, n_perm: int, batch_size: int, estimator: str) 
                      f"multiple of {STRATIFIED_GROUP}, got {n_perm}")
 
 
-def _check_stopping(tol, max_evals) -> None:
+def check_stopping(tol, max_evals) -> None:
+  """ValueErrors for a tolerance or evaluation budget the stopping rule cannot take."""
   if tol is None:
     if max_evals is not None:
       raise ValueError("max_evals is the budget of stopping on tolerance: pass tol too")
@@ -251,27 +253,20 @@ def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *,
   return jnp.where(active[None, :], contributions, 0.0), v_empty_full
 
 
+def sample_group(estimator: str) -> int:
+  """Units that form one independent sample: 2 for an antithetic pair, 16 for a stratified group, else 1.
+
+  Work split across devices must give each device whole groups.
+  """
+  return {"antithetic": 2, "stratified": STRATIFIED_GROUP}.get(estimator, 1)
+
+
 def _independent_samples(contributions: jax.Array, estimator: str) -> jax.Array:
   """Rows that are iid: permutations, antithetic pairs, or stratified groups (their means)."""
-  group = {"antithetic": 2, "stratified": STRATIFIED_GROUP}.get(estimator, 1)
+  group = sample_group(estimator)
   if group == 1:
     return contributions
   return contributions.reshape(-1, group, contributions.shape[-1]).mean(axis=1)
-
-
-def summarize_contributions(contributions: jax.Array, *, estimator: str) -> tuple[jax.Array, jax.Array]:
-  """Mean and standard error of per-permutation contributions ``f32[P, n]``.
-
-  Antithetic pairs and stratified groups are averaged first: they, not the permutations, are the independent
-  samples.
-  """
-  samples = _independent_samples(contributions, estimator)
-  n_samples = samples.shape[0]
-  values = contributions.mean(axis=0)
-  if n_samples < 2:
-    return values, jnp.full_like(values, jnp.nan)
-  stderr = samples.std(axis=0, ddof=1) / math.sqrt(n_samples)
-  return values, stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,15 +291,35 @@ def init_state(n_players: int, estimator: str) -> dict[str, jax.Array]:
   return state
 
 
-def _merge_moments(state, samples):
-  count_b = float(samples.shape[0])
-  mean_b = samples.mean(axis=0)
-  m2_b = jnp.sum((samples - mean_b[None, :]) ** 2, axis=0)
-  count = state["count"] + count_b
-  delta = mean_b - state["mean"]
-  mean = state["mean"] + delta * (count_b / count)
-  m2 = state["m2"] + m2_b + delta ** 2 * (state["count"] * count_b / count)
-  return {**state, "count": count, "mean": mean, "m2": m2}
+def _moments(samples: jax.Array) -> dict[str, jax.Array]:
+  """Count, mean and sum of squared deviations of iid samples ``f32[S, n_players]``."""
+  mean = samples.mean(axis=0)
+  return {"count": jnp.asarray(samples.shape[0], jnp.float32), "mean": mean,
+          "m2": jnp.sum((samples - mean[None, :]) ** 2, axis=0)}
+
+
+def _combine(state: dict, block: dict, estimator: str) -> dict:
+  """The statistics of ``state``'s samples and ``block``'s together (Chan's parallel formula; kernel: sums)."""
+  if estimator == "kernel":
+    return {**state, **{name: state[name] + block[name] for name in ("gram", "moment", "count")}}
+  count = state["count"] + block["count"]
+  delta = block["mean"] - state["mean"]
+  weight = block["count"] / jnp.maximum(count, 1.0)
+  return {**state, "count": count, "mean": state["mean"] + delta * weight,
+          "m2": state["m2"] + block["m2"] + delta ** 2 * state["count"] * weight}
+
+
+def _combine_across(block: dict, axis_name, estimator: str) -> dict:
+  """Every device's block statistics merged into those of all devices' samples (the same on every device).
+
+  As accurate as one pass: the global mean from the weighted sum of means, each device's deviations moved to it.
+  """
+  if estimator == "kernel":
+    return jax.tree.map(lambda x: jax.lax.psum(x, axis_name), block)
+  count = jax.lax.psum(block["count"], axis_name)
+  mean = jax.lax.psum(block["count"] * block["mean"], axis_name) / jnp.maximum(count, 1.0)
+  m2 = jax.lax.psum(block["m2"] + block["count"] * jnp.square(block["mean"] - mean), axis_name)
+  return {"count": count, "mean": mean, "m2": m2}
 
 
 def _kernel_coalitions(key: jax.Array, unit: jax.Array, active: jax.Array) -> jax.Array:
@@ -330,7 +345,8 @@ def _kernel_coalitions(key: jax.Array, unit: jax.Array, active: jax.Array) -> ja
   return jax.vmap(one_pair)(jnp.arange(n_players // 2))
 
 
-def _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, state):
+def _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full):
+  """The block's own normal equations, per jackknife group."""
   n_pairs = n_players // 2
   n_active = jnp.sum(active, dtype=jnp.int32)
   units = start + jnp.arange(n_perm)
@@ -351,8 +367,7 @@ def _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v
   gram = jnp.einsum("pg,pij->gij", group, jnp.einsum("pki,pkj->pij", z, z))
   moment = jnp.einsum("pg,pi->gi", group, jnp.einsum("pki,pk->pi", z, targets.reshape(n_perm, -1)))
   count = group.sum(axis=0) * (2 * (n_active // 2)).astype(jnp.float32)
-  return {**state, "gram": state["gram"] + gram, "moment": state["moment"] + moment,
-          "count": state["count"] + count}
+  return {"gram": gram, "moment": moment, "count": count}
 
 
 def _constrained_fit(gram, moment, count, active, total):
@@ -404,8 +419,8 @@ def _finish(state, active, v_empty_full, estimator):
 
 def estimate_block(value_fn: ValueFn, n_players: int, n_perm: int, *, key: jax.Array, start: int | jax.Array,
                    state: dict[str, jax.Array], active: jax.Array, v_empty_full: jax.Array,
-                   batch_size: int = DEFAULT_BATCH_SIZE,
-                   estimator: str = DEFAULT_ESTIMATOR) -> tuple[dict[str, jax.Array], ShapleyResult]:
+                   batch_size: int = DEFAULT_BATCH_SIZE, estimator: str = DEFAULT_ESTIMATOR,
+                   axis_name=None) -> tuple[dict[str, jax.Array], ShapleyResult]:
   """Draws units ``start .. start + n_perm - 1``, merges them into ``state`` and returns the estimate so far.
 
   Traceable (call it inside ``jit``); ``start`` may be traced, so one compiled block serves every block of a
@@ -414,26 +429,33 @@ def estimate_block(value_fn: ValueFn, n_players: int, n_perm: int, *, key: jax.A
   Args:
     value_fn: ``bool[B, n_players] -> f32[B]``.
     n_players: number of players (static).
-    n_perm: units in this block (static).
+    n_perm: units in this block (static; per device with ``axis_name``).
     key: PRNG key of the whole run.
-    start: index of the block's first unit.
+    start: index of the block's first unit (this device's first unit with ``axis_name``).
     state: running statistics from :func:`init_state` or a previous block.
     active: ``bool[n_players]``; False marks padding players, which get exactly 0 and cost nothing.
     v_empty_full: ``f32[2]`` from :func:`endpoint_values`.
     batch_size: coalitions per value-function call (static).
     estimator: one of :data:`ESTIMATORS` (static).
+    axis_name: inside ``shard_map``, the mesh axes whose devices each drew their own units: their statistics
+      are merged (``psum``) before they join ``state``, so every device returns the estimate of all units.
 
   Returns:
     ``(state, result)``; ``result.converged`` is True (the caller decides about stopping).
   """
   if estimator == "kernel":
-    state = _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, state)
+    block = _kernel_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full)
   else:
     contributions, _ = permutation_contributions(
         value_fn, n_players, n_perm, key=key, start=start, batch_size=batch_size, estimator=estimator,
         player_mask=active, v_empty_full=v_empty_full)
-    state = _merge_moments(state, _independent_samples(contributions, estimator))
-  state = {**state, "units": state["units"] + n_perm}
+    block = _moments(_independent_samples(contributions, estimator))
+  units = jnp.asarray(n_perm, jnp.int32)
+  if axis_name is not None:
+    block = _combine_across(block, axis_name, estimator)
+    units = jax.lax.psum(units, axis_name)
+  state = _combine(state, block, estimator)
+  state = {**state, "units": state["units"] + units}
   values, stderr = _finish(state, active, v_empty_full, estimator)
   n_active = jnp.sum(active, dtype=jnp.int32)
   n_evals = state["units"] * evals_per_unit(n_active, estimator) + 2
@@ -553,8 +575,8 @@ def shapley_values(
     [0.0, 1.0, 2.0, 3.0]
   """
   batch_size = default_batch_size(batch_size)
-  _check_counts(n_players, n_perm, batch_size, estimator)
-  _check_stopping(tol, max_evals)
+  check_counts(n_players, n_perm, batch_size, estimator)
+  check_stopping(tol, max_evals)
   n_players, n_perm, batch_size = int(n_players), int(n_perm), int(batch_size)
   active = _player_mask(player_mask, n_players)
   v_empty_full = _endpoints_jit(value_fn, active)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import skimage.segmentation
 
+from shapjax import pixels
+
 DEFAULT_MAX_REGIONS = 64
 """Default number of players: the SLIC target and the padded label count."""
 
@@ -26,8 +28,8 @@ DEFAULT_MAX_REGIONS = 64
 _MAX_SLIC_TRIES = 6
 
 
-def _as_float_image(image: np.ndarray) -> np.ndarray:
-  """Validates an image and returns it as float64 ``[H, W, C]`` in about ``[0, 1]``."""
+def _as_float_image(image) -> np.ndarray:
+  """Checks an image's shape for SLIC; values and dtype are checked by :func:`shapjax.pixels.as_float`."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
@@ -37,15 +39,7 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"image must have 1 (grey) or 3 (RGB) channels, got {image.shape[-1]} (shape {image.shape})")
   if min(image.shape[:2]) < 2:
     raise ValueError(f"image is too small to segment: shape {image.shape}")
-  if image.dtype == np.bool_ or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-    raise TypeError(f"image must be an integer or floating-point array, got dtype {image.dtype}")
-  if np.issubdtype(image.dtype, np.integer):
-    scale = 255.0 if image.dtype == np.uint8 or image.max(initial=0) <= 255 else float(np.iinfo(image.dtype).max)
-    return image.astype(np.float64) / scale
-  image = image.astype(np.float64)
-  if not np.all(np.isfinite(image)):
-    raise ValueError("image contains NaN or inf")
-  return image
+  return pixels.as_float(image).astype(np.float64)
 
 
 def _relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -173,8 +167,3 @@ def segment_batch(
     return np.stack([segment(image, max_regions=max_regions, **options) for image in images])
   with concurrent.futures.ThreadPoolExecutor(max_workers=n_workers) as pool:
     return np.stack(list(pool.map(lambda image: segment(image, max_regions=max_regions, **options), images)))
-
-
-def region_count(labels: np.ndarray) -> int:
-  """Returns the number of real regions of a consecutive label map (``max + 1``)."""
-  return int(np.max(labels)) + 1

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from shapjax import checkpoint, model
+from shapjax import checkpoint, devices, model, pixels
 
 _SCHEDULES = ("cosine", "constant")
 
@@ -158,7 +158,7 @@ def _loss_and_grads(model_config: model.AutoencoderConfig, mesh=None):
   """``(weights, f32[B, H, W, C]) -> (mean reconstruction loss, its gradient)``, traceable.
 
   With a ``mesh``, data parallel: each device differentiates its own share of the batch and the results are
-  averaged across devices (:func:`shapjax.distributed._batch_mean`).
+  averaged across devices (:func:`shapjax.devices.batch_mean`).
   """
   def loss_and_grads(weights, batch):
     def loss_fn(w):
@@ -167,8 +167,7 @@ def _loss_and_grads(model_config: model.AutoencoderConfig, mesh=None):
 
   if mesh is None:
     return loss_and_grads
-  from shapjax import distributed  # pylint: disable=g-import-not-at-top
-  return distributed._batch_mean(loss_and_grads, mesh)
+  return devices.batch_mean(loss_and_grads, mesh)
 
 
 def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_config, batch_size, flips,
@@ -202,7 +201,7 @@ def _as_images(images: ArrayLike) -> np.ndarray:
     raise ValueError(f"images must have shape [N, H, W, C], got shape {images.shape}")
   if images.shape[0] < 1:
     raise ValueError("images is empty")
-  return model.host_float_images(images)
+  return pixels.as_float(images, what="images")
 
 
 def _key_record(key: jax.Array) -> list:
@@ -260,8 +259,7 @@ def train(
   images = _as_images(images)
   config = config.with_model(images.shape[1:])
   if mesh is not None:
-    from shapjax import distributed  # pylint: disable=g-import-not-at-top
-    mesh = distributed._check_mesh(mesh)
+    mesh = devices.check_mesh(mesh)
     if config.batch_size % mesh.size:
       raise ValueError(f"with a mesh of {mesh.size} devices, batch_size must be a multiple of {mesh.size}, got "
                        f"{config.batch_size}")
@@ -294,7 +292,7 @@ def train(
   device_images = jnp.asarray(images)
   weights = params.weights
   if mesh is not None:
-    weights, opt_state, device_images, data_key = distributed._replicate((weights, opt_state, device_images,
+    weights, opt_state, device_images, data_key = devices.replicate((weights, opt_state, device_images,
                                                                          data_key), mesh)
 
   def save(step):

@@ -111,9 +111,9 @@ def test_one_compile_for_images_with_different_region_counts(random_params, text
   second = stripes_labels(SIZE, SIZE, 9)
   options = dict(max_regions=10, batch_size=8, key=jax.random.key(0))
   shapjax.attribute(random_params, texture_crops[4], first, 2, **options)
-  size = attribution._attribute_jit._cache_size()
+  size = attribution._attribute_jit.cache_size()
   result = shapjax.attribute(random_params, texture_crops[5], second, 2, **options)
-  assert attribution._attribute_jit._cache_size() == size
+  assert attribution._attribute_jit.cache_size() == size
   assert np.all(np.asarray(result.values[9:]) == 0.0)
   assert np.all(np.asarray(result.values[:9]) != 0.0)
 
@@ -178,7 +178,10 @@ IMAGE = np.full((SIZE, SIZE, 1), 0.5, np.float32)
 
 
 @pytest.mark.parametrize("image, labels, kwargs, error, match", [
-    (IMAGE[:16], LABELS, {}, ValueError, "height and width"),
+    (IMAGE[:16], LABELS, {}, ValueError, "16x32 pixels but the autoencoder was built for 32x32: resize"),
+    (IMAGE, LABELS[:16], {}, ValueError, "height and width"),
+    (IMAGE * 255, LABELS, {}, ValueError, r"\[0, 1\].*divide by 255"),
+    (IMAGE - 0.6, LABELS, {}, ValueError, r"must lie in \[0, 1\]"),
     (IMAGE, LABELS + 10, {}, ValueError, r"\[0, max_regions\)"),
     (IMAGE, LABELS - 1, {}, ValueError, r"\[0, max_regions\)"),
     (IMAGE, LABELS, dict(n_perm=0), ValueError, "n_perm"),
@@ -191,6 +194,8 @@ IMAGE = np.full((SIZE, SIZE, 1), 0.5, np.float32)
     (IMAGE, LABELS, dict(baseline="noise"), ValueError, "baseline"),
     (IMAGE, LABELS, dict(baseline=np.zeros((3, 3))), ValueError, "baseline"),
     (IMAGE, LABELS, dict(max_regions=0), ValueError, "max_regions"),
+    (IMAGE, LABELS, dict(n_perm=3), ValueError, "even"),
+    (IMAGE, LABELS, dict(estimator="exact"), ValueError, "estimator"),
 ])
 def test_bad_input_is_named_before_compiling(random_params, image, labels, kwargs, error, match):
   kwargs = dict(dict(n_perm=2, max_regions=4), **kwargs)
@@ -201,3 +206,64 @@ def test_bad_input_is_named_before_compiling(random_params, image, labels, kwarg
 def test_params_of_the_wrong_kind_are_named():
   with pytest.raises(TypeError, match="AutoencoderParams"):
     shapjax.attribute({"weights": 1}, IMAGE, LABELS, 2, max_regions=4)
+
+
+def test_a_float_image_may_stray_a_rounding_error_outside_the_unit_range(random_params):
+  labels = stripes_labels(SIZE, SIZE, 4)
+  result = shapjax.attribute(random_params, IMAGE + 1.0005 - 0.5, labels, 2, max_regions=4)
+  assert np.all(np.isfinite(result.values))
+
+
+@pytest.mark.parametrize("entry", ["batch", "mesh", "dataset"])
+def test_every_entry_point_checks_range_and_size(random_params, entry):
+  mesh = shapjax.make_mesh() if entry == "mesh" else None
+  images = np.stack([IMAGE, IMAGE])
+  labels = np.stack([LABELS, LABELS])
+
+  def call(images, labels):
+    if entry == "dataset":
+      return shapjax.attribute_dataset(random_params, images, 4, max_regions=4, progress=False)
+    if entry == "mesh":
+      return shapjax.attribute(random_params, images[0], labels[0], 4, max_regions=4, mesh=mesh)
+    return shapjax.attribute_batch(random_params, images, labels, 4, max_regions=4)
+
+  with pytest.raises(ValueError, match="divide by 255"):
+    call(images * 255, labels)
+  with pytest.raises(ValueError, match="built for 32x32"):
+    call(images[:, :16, :16], labels[:, :16, :16])
+
+
+ESTIMATOR_UNITS = {"permutation": 4, "antithetic": 4, "stratified": 16, "kernel": 4}
+
+
+@pytest.fixture(scope="module")
+def image_64():
+  """A 64x64 brick crop with SLIC's 64 regions: the default number of players."""
+  image = skimage.data.brick()[100:164, 100:164, None].astype(np.float32) / 255
+  return image, shapjax.segment(image)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", sorted(ESTIMATOR_UNITS))
+def test_every_estimator_at_the_default_64_regions(estimator, image_64):
+  """The user's call: default max_regions, every estimator, with and without tol, batch and mesh."""
+  image, labels = image_64
+  assert int(labels.max()) + 1 > 32  # most of the 64 players are real regions
+  params = shapjax.init_autoencoder(image.shape, key=jax.random.key(0), features=(8, 16), latent_features=8)
+  n_perm = ESTIMATOR_UNITS[estimator]
+  key = jax.random.key(2)
+  plain = shapjax.attribute(params, image, labels, n_perm, key=key, estimator=estimator)
+  assert plain.values.shape == (64,) and np.all(np.isfinite(np.asarray(plain.values)))
+  total = _value(params, image, labels, labels.max() >= np.arange(64)) - _value(
+      params, image, labels, np.zeros(64, bool))
+  np.testing.assert_allclose(float(plain.values.sum()), total, rtol=1e-3, atol=1e-7)
+  stopped = shapjax.attribute(params, image, labels, n_perm, key=key, estimator=estimator, tol=0.5,
+                              max_evals=4 * int(plain.n_evals))
+  assert stopped.values.shape == (64,) and np.all(np.isfinite(np.asarray(stopped.values)))
+  batch = shapjax.attribute_batch(params, image[None], labels[None], n_perm, key=key, estimator=estimator)
+  single = shapjax.attribute(params, image, labels, n_perm, key=jax.random.fold_in(key, 0), estimator=estimator)
+  np.testing.assert_allclose(batch.values[0], single.values, rtol=1e-4, atol=1e-8)
+  mesh = shapjax.make_mesh(2)
+  on_mesh = shapjax.attribute(params, image, labels, 2 * n_perm if estimator != "stratified" else 32, key=key,
+                              estimator=estimator, mesh=mesh)
+  assert np.all(np.isfinite(np.asarray(on_mesh.values)))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import shapjax
-from shapjax import distributed, masking, model, sampling, segmentation
+from shapjax import attribution, devices, segmentation
 
 SIZE = 32
 REGIONS = 8
@@ -47,7 +47,7 @@ def one_device(params, images, labels):
 
 
 def test_make_mesh(params, images, labels, mesh):
-  assert mesh.size == 4 and mesh.axis_names == (distributed.DEFAULT_AXIS,)
+  assert mesh.size == 4 and mesh.axis_names == (devices.DEFAULT_AXIS,)
   assert shapjax.make_mesh(2).devices.tolist() == jax.devices()[:2]
   with pytest.raises(ValueError, match="n_devices"):
     shapjax.make_mesh(5)
@@ -78,9 +78,9 @@ def test_images_not_divisible_by_the_device_count_are_padded(params, images, lab
 
 
 def _lowered_images_program(params, images, labels, mesh):
-  static = dict(n_perm=4, estimator="antithetic", baseline_kind="blur", blur_sigma=4.0, **OPTIONS)
-  return distributed._images_program.lower(params, jnp.asarray(images), jnp.asarray(labels), jax.random.key(0),
-                                           jnp.int32(0), None, mesh=mesh, **static).as_text()
+  options = attribution.prepare(params, images, labels, 4, batched=True, **OPTIONS).options
+  return attribution._images_program.lower(params, jnp.asarray(images), jnp.asarray(labels), jax.random.key(0),
+                                           jnp.int32(0), None, options=options, mesh=mesh).as_text()
 
 
 def test_images_program_needs_no_communication(params, images, labels, mesh):
@@ -90,82 +90,45 @@ def test_images_program_needs_no_communication(params, images, labels, mesh):
     assert collective not in text, collective
 
 
-def _block_state(params, image, labels, key, start, n_perm, estimator):
-  """One device's statistics for units ``start .. start + n_perm - 1``, computed on the default device."""
-
-  @jax.jit
-  def run(image, labels, start):
-    value_fn = masking.masked_value_fn(lambda x: model.reconstruction_loss(params, x), image, labels,
-                                       baseline="blur")
-    active = jnp.arange(REGIONS) < jnp.max(labels) + 1
-    state, _ = sampling.estimate_block(
-        value_fn, REGIONS, n_perm, key=key, start=start, state=sampling.init_state(REGIONS, estimator),
-        active=active, v_empty_full=sampling.endpoint_values(value_fn, active), batch_size=8, estimator=estimator)
-    return state
-
-  return run(jnp.asarray(image), jnp.asarray(labels), jnp.int32(start))
-
-
-@pytest.mark.parametrize("estimator, n_perm", [("antithetic", 8), ("kernel", 4)])
+@pytest.mark.parametrize("estimator, n_perm", [("antithetic", 8), ("permutation", 4), ("stratified", 64),
+                                               ("kernel", 4)])
 def test_permutations_across_devices_equal_one_device(params, images, labels, mesh, estimator, n_perm):
   key = jax.random.key(5)
   single = shapjax.attribute(params, images[0], labels[0], n_perm, key=key, estimator=estimator, **OPTIONS)
-  sharded = shapjax.attribute_sharded(params, images[0], labels[0], n_perm, key=key, mesh=mesh,
-                                      estimator=estimator, **OPTIONS)
+  sharded = shapjax.attribute(params, images[0], labels[0], n_perm, key=key, mesh=mesh, estimator=estimator,
+                              **OPTIONS)
   np.testing.assert_allclose(sharded.values, single.values, rtol=1e-4, atol=1e-8)
   np.testing.assert_allclose(sharded.stderr, single.stderr, rtol=1e-3, atol=1e-9)
   assert int(sharded.n_evals) == int(single.n_evals)
   assert float(jnp.abs(sharded.values).sum()) > 0
 
 
-def test_attribute_with_a_mesh_is_attribute_sharded(params, images, labels, mesh):
-  key = jax.random.key(5)
-  via_attribute = shapjax.attribute(params, images[0], labels[0], 8, key=key, mesh=mesh, **OPTIONS)
-  sharded = shapjax.attribute_sharded(params, images[0], labels[0], 8, key=key, mesh=mesh, **OPTIONS)
-  np.testing.assert_array_equal(via_attribute.values, sharded.values)
+def test_mesh_and_tol_are_exclusive(params, images, labels, mesh):
   with pytest.raises(ValueError, match="mesh or tol"):
-    shapjax.attribute(params, images[0], labels[0], 8, key=key, mesh=mesh, tol=0.1, **OPTIONS)
-
-
-def test_each_device_draws_only_its_own_permutations(params, images, labels, mesh):
-  key = jax.random.key(5)
-  image, label_map = jnp.asarray(images[1]), jnp.asarray(labels[1])
-  static = dict(n_perm=8, estimator="antithetic", baseline_kind="blur", blur_sigma=4.0, **OPTIONS)
-  # Placed as attribute_sharded places them, so the program compiled for the test above is reused.
-  inputs = distributed._replicate((params, image, label_map, key, None), mesh)
-  result, own = distributed._permutations_program(*inputs, mesh=mesh, **static)
-  # Every device kept one antithetic pair: permutations 2d and 2d + 1 of device d, and nothing else.
-  shards = sorted(own["mean"].addressable_shards, key=lambda shard: shard.index[0].start)
-  assert [shard.data.shape for shard in shards] == [(1, REGIONS)] * 4
-  assert len({shard.device for shard in shards}) == 4
-  np.testing.assert_array_equal(np.asarray(own["count"]), np.ones(4))
-  for device, shard in enumerate(shards):
-    expected = _block_state(params, image, label_map, key, 2 * device, 2, "antithetic")
-    np.testing.assert_allclose(shard.data[0], expected["mean"], rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(result.values, np.asarray(own["mean"]).mean(axis=0), rtol=1e-5, atol=1e-9)
+    shapjax.attribute(params, images[0], labels[0], 8, mesh=mesh, tol=0.1, **OPTIONS)
 
 
 def test_permutations_program_reduces_across_devices(params, images, labels, mesh):
-  static = dict(n_perm=8, estimator="antithetic", baseline_kind="blur", blur_sigma=4.0, **OPTIONS)
-  text = distributed._permutations_program.lower(params, jnp.asarray(images[0]), jnp.asarray(labels[0]),
-                                                 jax.random.key(0), None, mesh=mesh, **static).as_text()
+  options = attribution.prepare(params, images[0], labels[0], 8, **OPTIONS).options
+  text = attribution._permutations_program.lower(params, jnp.asarray(images[0]), jnp.asarray(labels[0]),
+                                                 jax.random.key(0), None, options=options, mesh=mesh).as_text()
   assert "all_reduce" in text
 
 
 def test_uneven_permutation_split_is_named(params, images, labels, mesh):
   with pytest.raises(ValueError, match="multiple of 8"):
-    shapjax.attribute_sharded(params, images[0], labels[0], 6, mesh=mesh, **OPTIONS)
+    shapjax.attribute(params, images[0], labels[0], 6, mesh=mesh, **OPTIONS)
 
 
 @pytest.mark.parametrize("use_mesh", [False, True])
 def test_dataset_equals_attribute_batch_with_one_program_for_all_batches(params, images, labels, mesh, one_device,
                                                                          use_mesh):
-  before = distributed._images_program._cache_size()
+  before = attribution._images_program.cache_size()
   # A generator of [H, W] images: consumed one batch ahead; 6 images in batches of 4, the last one padded.
   stream = (image[..., 0] for image in images[:6])
   out = shapjax.attribute_dataset(params, stream, 4, key=jax.random.key(3), batch=4, progress=False,
                                   mesh=mesh if use_mesh else None, **OPTIONS)
-  assert distributed._images_program._cache_size() - before <= 1
+  assert attribution._images_program.cache_size() - before <= 1
   assert out.values.shape == (6, REGIONS) and out.stderr.shape == (6, REGIONS)
   np.testing.assert_array_equal(out.labels, labels[:6])
   np.testing.assert_allclose(out.values, np.asarray(one_device.values)[:6], rtol=1e-5, atol=1e-8)
@@ -175,7 +138,7 @@ def test_dataset_equals_attribute_batch_with_one_program_for_all_batches(params,
 def test_dataset_segments_the_next_batch_while_the_devices_work(params, images, monkeypatch, capsys):
   events = []
   lock = threading.Lock()
-  segment_batch, local_rows = segmentation.segment_batch, distributed._local_rows
+  segment_batch, local_rows = segmentation.segment_batch, devices.local_rows
 
   def logged_segment_batch(*args, **kwargs):
     with lock:
@@ -190,7 +153,7 @@ def test_dataset_segments_the_next_batch_while_the_devices_work(params, images, 
     return rows
 
   monkeypatch.setattr(segmentation, "segment_batch", logged_segment_batch)
-  monkeypatch.setattr(distributed, "_local_rows", slow_local_rows)
+  monkeypatch.setattr(devices, "local_rows", slow_local_rows)
   out = shapjax.attribute_dataset(params, images[:6], 4, key=jax.random.key(3), batch=4, progress=True, **OPTIONS)
   assert out.values.shape == (6, REGIONS)
   starts = [t for name, t in events if name == "segment starts"]
@@ -203,6 +166,8 @@ def test_dataset_segments_the_next_batch_while_the_devices_work(params, images, 
 def test_dataset_errors(params, images):
   with pytest.raises(ValueError, match="one shape"):
     shapjax.attribute_dataset(params, [*images[:4], images[4, :16]], 4, batch=4, progress=False, **OPTIONS)
+  with pytest.raises(ValueError, match="16x32 pixels but the autoencoder was built for 32x32"):
+    shapjax.attribute_dataset(params, images[:, :16], 4, batch=4, progress=False, **OPTIONS)
   with pytest.raises(ValueError, match="no images"):
     shapjax.attribute_dataset(params, [], 2, progress=False, max_regions=4)
   with pytest.raises(ValueError, match="batch"):
