@@ -17,7 +17,7 @@ extrapolation (both counted as "not interpolated"); then the median over images.
 
 Command (about 10 minutes on 2 shared CPU cores):
 
-  .venv/bin/python benchmarks/accuracy.py /work/shared/data/magnetic_tile --out benchmarks/results
+  .venv/bin/python benchmarks/accuracy.py ../shared/data/magnetic_tile --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def exact_values(params, image, labels, max_regions, cache: Path, tag: str) -> n
   if path.exists():
     return np.load(path)
   n_regions = int(labels.max()) + 1
-  value_fn = attribution._value_fn(params, jnp.asarray(image), jnp.asarray(labels), None, baseline_kind=BASELINE,
-                                   blur_sigma=BLUR_SIGMA)
+  options = attribution.AttributionOptions(max_regions=max_regions, baseline=BASELINE, blur_sigma=BLUR_SIGMA)
+  value_fn = attribution.value_function(params, jnp.asarray(image), jnp.asarray(labels), None, options)
   exact = np.asarray(shapjax.exact_shapley(value_fn, n_regions, batch_size=256).values, np.float64)
   exact = np.concatenate([exact, np.zeros(max_regions - n_regions)])
   cache.mkdir(parents=True, exist_ok=True)
@@ -128,18 +128,20 @@ def metrics(estimate: np.ndarray, exact: np.ndarray, n_regions: int) -> dict:
 def run_shapjax(params, image, labels, exact, *, estimator, block, n_blocks, max_regions, key) -> list[dict]:
   """Blocks of ``block`` units, recording the estimate after 1, 2, 4, ... blocks."""
   n_regions = int(labels.max()) + 1
-  static = dict(n_perm=block, max_regions=max_regions, batch_size=256, estimator=estimator, baseline_kind=BASELINE,
-                blur_sigma=BLUR_SIGMA)
+  options = attribution.AttributionOptions(n_perm=block, max_regions=max_regions, batch_size=256,
+                                           estimator=estimator, baseline=BASELINE, blur_sigma=BLUR_SIGMA)
   image, labels = jnp.asarray(image), jnp.asarray(labels)
   active = jnp.arange(max_regions) < n_regions
   start_time = time.perf_counter()
-  v_empty_full = attribution._attribute_endpoints_jit(params, image, labels, None, active, baseline_kind=BASELINE,
-                                                      blur_sigma=BLUR_SIGMA)
+  block_fn = jax.jit(lambda state, start, v_empty_full: sampling.estimate_block(
+      attribution.value_function(params, image, labels, None, options), max_regions, block, key=key, start=start,
+      state=state, active=active, v_empty_full=v_empty_full, batch_size=256, estimator=estimator))
+  v_empty_full = jax.jit(lambda: sampling.endpoint_values(
+      attribution.value_function(params, image, labels, None, options), active))()
   state = sampling.init_state(max_regions, estimator)
   records = []
   for b in range(n_blocks):
-    state, result = attribution._attribute_block_jit(params, image, labels, key, None, state,
-                                                     jnp.asarray(b * block, jnp.int32), v_empty_full, **static)
+    state, result = block_fn(state, jnp.asarray(b * block, jnp.int32), v_empty_full)
     if (b + 1) & b == 0:  # 1, 2, 4, ... blocks
       values = np.asarray(result.values)  # waits for the result
       seconds = time.perf_counter() - start_time

@@ -14,7 +14,7 @@ And, on the whole test split, the pixel AUROC and AUPRO@0.3 of an *oracle* regio
 the fraction of its pixels that are defective): the best that any map constant on these regions could score, so
 whether the region size, rather than the values, is what limits the Shapley maps.
 
-    python -m benchmarks.additivity /work/shared/data/kolektor_sdd --checkpoint CKPT --out results/additivity
+    python -m benchmarks.additivity ../shared/data/kolektor_sdd --checkpoint CKPT --out results/additivity
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """attribute_dataset over an MVTec-layout test split: batched programs, and how much CPU segmentation overlaps.
 
-    .venv/bin/python benchmarks/dataset.py --root /work/shared/data/magnetic_tile
+    .venv/bin/python benchmarks/dataset.py --root ../shared/data/magnetic_tile
     .venv/bin/python benchmarks/dataset.py --root DATA --size 64 --batch 16 --devices 4   # 4 fake CPU devices
 
 Three timings over the same images, after a warm-up batch that compiles the program:

@@ -8,7 +8,7 @@ already saved in ``--checkpoints/<name>``), evaluates the anomaly maps on the te
 Images are resized to about ``--pixels`` pixels, keeping the median aspect ratio of the training images
 (rounded to multiples of the model's stride), so long narrow parts are not squashed.
 
-    python -m benchmarks.localization /work/shared/data --out benchmarks/results/localization \\
+    python -m benchmarks.localization ../shared/data --out benchmarks/results/localization \\
         --checkpoints /tmp/shapjax_ckpt --cache /tmp/shapjax_cache
 """
 

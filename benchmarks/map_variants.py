@@ -6,7 +6,7 @@ the whole cached split, formulas that combine the residual with the Shapley valu
 ``:shuffled`` ablations), next to the same formulas with the residual pooled over the regions (sum or max)
 instead of the Shapley values. A table is printed and written as markdown and JSON.
 
-    python -m benchmarks.map_variants /work/shared/data/kolektor_sdd CACHE/<digest> --out results/variants
+    python -m benchmarks.map_variants ../shared/data/kolektor_sdd CACHE/<digest> --out results/variants
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Two workloads, both checked against the one-device values of the same key:
 
 * ``images``: ``attribute_batch(params, images, labels, n_perm, mesh=mesh)``, a batch of N images split across
   the devices (no communication);
-* ``permutations``: ``attribute_sharded(params, image, labels, n_perm, mesh=mesh)``, one image whose
+* ``permutations``: ``attribute(params, image, labels, n_perm, mesh=mesh)``, one image whose
   permutations are split across the devices (one ``psum`` of per-region statistics).
 
 The first call is reported as compile time (it includes the first run), the median of the other rounds as
@@ -58,8 +58,8 @@ def _child(args) -> dict:
   }
   workloads = {
       "images": lambda: shapjax.attribute_batch(params, images, labels, args.n_perm, mesh=mesh, **options),
-      "permutations": lambda: shapjax.attribute_sharded(params, images[0], labels[0], args.n_perm_single,
-                                                        mesh=mesh, **options),
+      "permutations": lambda: shapjax.attribute(params, images[0], labels[0], args.n_perm_single, mesh=mesh,
+                                                **options),
   }
   out = {"devices": n_devices, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
   for name, run in workloads.items():

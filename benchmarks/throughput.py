@@ -59,11 +59,11 @@ def _child_rss(args) -> None:
   from shapjax import attribution, sampling
 
   # What XLA plans to allocate for the program (temporaries), before anything runs.
-  compiled = attribution._attribute_jit.lower(
-      params, jax.numpy.asarray(image), jax.numpy.asarray(labels), jax.random.key(1), None, n_perm=n_perm,
-      max_regions=max_regions, batch_size=sampling.default_batch_size(args.batch_size),
-      estimator="antithetic", baseline_kind="blur",
-      blur_sigma=4.0).compile()
+  prepared = attribution.prepare(params, image, labels, n_perm, max_regions=max_regions,
+                                 batch_size=sampling.default_batch_size(args.batch_size))
+  compiled = jax.jit(lambda *args: attribution.run_images(params, *args, offset=0, baseline_array=None,
+                                                           options=prepared.options)).lower(
+      prepared.images[None], prepared.labels[None], jax.random.key(1)).compile()
   analysis = compiled.memory_analysis()
   temp_mib = getattr(analysis, "temp_size_in_bytes", float("nan")) / 2 ** 20 if analysis else float("nan")
   if args.child_compile_only:
@@ -433,9 +433,9 @@ def train_section(args, params, image, device) -> list:
 
   mesh_rows = []
   if jax.device_count() > 1 and batch % jax.device_count() == 0:
-    from shapjax import distributed  # the shardings shapjax.train(..., mesh=) uses
+    from shapjax import devices  # the shardings shapjax.train(..., mesh=) uses
     mesh = shapjax.make_mesh()
-    weights, mesh_images = distributed._replicate((params.weights, jnp.asarray(images)), mesh)
+    weights, mesh_images = devices.replicate((params.weights, jnp.asarray(images)), mesh)
     mesh_step = adam_step(params.config, optimizer, mesh)
     mesh_steps = jax_stepper(mesh_step, weights, mesh_images)
     mesh_rows = [_Method(f"optax, batch split over a mesh of {mesh.size} devices", mesh_steps,

@@ -172,7 +172,7 @@ def shapjax_ranks(key, n_perm: int, max_regions: int, n_regions: int, *, estimat
   from shapjax import sampling
 
   active = jnp.arange(max_regions) < n_regions
-  ranks = jax.vmap(lambda i: sampling._permutation_ranks(key, i, active, estimator))(jnp.arange(n_perm))
+  ranks = jax.vmap(lambda i: sampling.permutation_ranks(key, i, active, estimator))(jnp.arange(n_perm))
   return np.asarray(ranks, np.int64)
 
 

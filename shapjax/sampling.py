@@ -151,7 +151,7 @@ def _random_ranks(key: jax.Array, active: jax.Array) -> jax.Array:
   return jnp.zeros((n_players,), jnp.int32).at[order].set(jnp.arange(n_players, dtype=jnp.int32))
 
 
-def _permutation_ranks(key: jax.Array, index: jax.Array, active: jax.Array, estimator: str) -> jax.Array:
+def permutation_ranks(key: jax.Array, index: jax.Array, active: jax.Array, estimator: str) -> jax.Array:
   """Position of each player in permutation ``index``; active players come first.
 
   Returns:
@@ -227,7 +227,7 @@ def permutation_contributions(value_fn: ValueFn, n_players: int, n_perm: int, *,
   active = _player_mask(player_mask, n_players)
   n_active = jnp.sum(active, dtype=jnp.int32)
   indices = start + jnp.arange(n_perm)
-  ranks = jax.vmap(lambda i: _permutation_ranks(key, i, active, estimator))(indices)  # [P, n]
+  ranks = jax.vmap(lambda i: permutation_ranks(key, i, active, estimator))(indices)  # [P, n]
   if v_empty_full is None:
     v_empty_full = endpoint_values(value_fn, active)
   v_empty, v_full = v_empty_full[0], v_empty_full[1]

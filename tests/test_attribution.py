@@ -267,3 +267,19 @@ def test_every_estimator_at_the_default_64_regions(estimator, image_64):
   on_mesh = shapjax.attribute(params, image, labels, 2 * n_perm if estimator != "stratified" else 32, key=key,
                               estimator=estimator, mesh=mesh)
   assert np.all(np.isfinite(np.asarray(on_mesh.values)))
+
+
+def test_attribute_stops_on_tolerance(key):
+  params = shapjax.init_autoencoder((16, 16, 1), key=key, config=shapjax.AutoencoderConfig.tiny((16, 16, 1)))
+  image = np.asarray(jax.random.uniform(jax.random.key(3), (16, 16, 1)))
+  labels = stripes_labels(16, 16, 5)
+  options = dict(key=key, max_regions=6, baseline="zeros", estimator="kernel", batch_size=32)
+  stopped = shapjax.attribute(params, image, labels, 8, tol=1e-9, max_evals=2 + 2 * 8 * 4, **options)
+  assert not bool(stopped.converged)
+  assert int(stopped.n_evals) == 2 + 2 * 8 * 4
+  fixed = shapjax.attribute(params, image, labels, 16, **options)
+  np.testing.assert_allclose(stopped.values, fixed.values, rtol=1e-4, atol=1e-7)
+  assert float(stopped.values[5]) == 0.0
+  reached = shapjax.attribute(params, image, labels, 8, tol=0.2, max_evals=10_000, **options)
+  assert bool(reached.converged)
+  assert float(np.max(reached.stderr)) < 0.2 * float(np.ptp(np.asarray(reached.values)[:5]))

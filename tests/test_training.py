@@ -146,11 +146,11 @@ def test_data_parallel_on_a_mesh_equals_one_device(images, tmp_path):
     shapjax.train(shapjax.TrainConfig.tiny(SHAPE, steps=1, batch_size=6), images, key=key, progress=False,
                   mesh=mesh)
   # The compiled step works on a quarter of the batch per device and sums the gradients across devices.
-  from shapjax import distributed, training
+  from shapjax import devices, training
   config = config.with_model(SHAPE)
   step = training._step_function(config.model, config.batch_size, config.flips, config.max_shift, mesh)
   weights = one.weights
-  args = distributed._replicate((weights, training._optimizer().init(weights), jnp.asarray(images), key), mesh)
+  args = devices.replicate((weights, training._optimizer().init(weights), jnp.asarray(images), key), mesh)
   hlo = step.lower(*args, 0, 1e-3).compile().as_text()
   assert "all-reduce" in hlo
   assert f"f32[{config.batch_size // 4},32,32,1]" in hlo  # the per-device share of the batch
@@ -160,14 +160,14 @@ def test_data_parallel_step_keeps_image_by_image_gradients_local(images, monkeyp
   # With every layer's kernel gradient summed image by image (a lax.scan over the batch), the scan must run on
   # each device's own images: left to XLA's partitioner, the activations were all-gathered and the scan ran
   # whole on every device.
-  from shapjax import distributed, model, training
+  from shapjax import devices, model, training
   monkeypatch.setattr(model, "_PER_IMAGE_MIN_PIXELS", 1)
   mesh = shapjax.make_mesh()
   config = shapjax.TrainConfig.tiny(SHAPE, steps=1).with_model(SHAPE)
   step = jax.jit(functools.partial(training._train_step, model_config=config.model, batch_size=config.batch_size,
                                    flips=config.flips, max_shift=config.max_shift, mesh=mesh))
   weights = shapjax.init_autoencoder(config=config.model, key=jax.random.key(0)).weights
-  args = distributed._replicate((weights, training._optimizer().init(weights), jnp.asarray(images),
+  args = devices.replicate((weights, training._optimizer().init(weights), jnp.asarray(images),
                                  jax.random.key(1)), mesh)
   hlo = step.lower(*args, 0, 1e-3).compile().as_text()
   assert " while(" in hlo  # the image-by-image sums
