@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shapjax import pixels
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File name endings (case-insensitive) that count as images."""
 
@@ -95,18 +97,19 @@ def _open(path: Path) -> Image.Image:
 def _to_float(image: Image.Image, path: Path) -> np.ndarray:
   """A Pillow image as ``f32[h, w, 1]`` (grey) or ``f32[h, w, 3]`` (colour) in [0, 1]."""
   mode = image.mode
-  if mode in ("I;16", "I;16B", "I;16L", "I"):
-    array = np.asarray(image, np.float32)
-    top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-    return np.clip(array / top, 0, 1)[..., None]
-  if mode == "F":
-    array = np.asarray(image, np.float32)
+  what = f"image {path}"
+  if mode in ("I;16", "I;16B", "I;16L"):
+    return pixels.as_float(np.asarray(image).astype(np.uint16), what=what)[..., None]
+  if mode in ("I", "F"):  # 32-bit integer or float files: scaled by their own range (8-bit, 16-bit or [0, 1])
+    array = np.asarray(image, np.float64)
     if not np.all(np.isfinite(array)):
-      raise ValueError(f"image {path} contains NaN or inf")
-    return np.clip(array / (255.0 if array.max(initial=0) > 1 else 1.0), 0, 1)[..., None]
+      raise ValueError(f"{what} contains NaN or inf")
+    top = array.max(initial=0)
+    return pixels.as_float(np.clip(array / (65535.0 if top > 255 else 255.0 if top > 1 else 1.0), 0, 1),
+                           what=what)[..., None]
   if mode in ("1", "L", "LA"):
-    return (np.asarray(image.convert("L"), np.float32) / 255.0)[..., None]
-  array = np.asarray(image.convert("RGB"), np.float32) / 255.0
+    return pixels.as_float(np.asarray(image.convert("L")), what=what)[..., None]
+  array = pixels.as_float(np.asarray(image.convert("RGB")), what=what)
   # A colour file whose channels are identical (common for JPEG scans) is grey.
   if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
     return array[..., :1]
@@ -123,7 +126,7 @@ def _resize(array: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
   return np.clip(np.stack(channels, axis=-1), 0, 1)
 
 
-def _resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
   """Resizes ``bool[h, w]``: area-weighted (antialiased) then thresholded at one half."""
   if size is None or mask.shape == size:
     return mask
@@ -191,7 +194,7 @@ def _read_item(root: Path, defect_type: str, path: Path, size):
     mask = np.zeros(shape, bool)
   else:
     mask = _read_mask(_find_mask(root, defect_type, path), shape, path)
-  return _resize(raw, size), mask, _resize_mask(mask, size), shape
+  return _resize(raw, size), mask, resize_mask(mask, size), shape
 
 
 def load_mvtec(

@@ -326,6 +326,10 @@ def evaluate(
     n_figure_images: images in the overlay figure (spread over the defect types).
     progress: show a progress bar.
 
+  Several processes (after ``jax.distributed.initialize()``): call it on every process with the same
+  arguments; each computes every ``n``-th image (each on its own default device) and every process returns the
+  whole result, the same as one process's (but for the timings). Only process 0 writes the figure.
+
   Returns:
     A JSON-ready dict: ``settings``, ``n_images``, ``maps`` (name -> ``overall`` and ``per_type`` metrics,
     ``seconds_per_image``), ``images`` (path, defect type, image score of every map) and ``cached_images``
@@ -351,10 +355,11 @@ def evaluate(
   image_maps = {name: [] for name in names}
   seconds = {name: [] for name in names}
   cached = 0
-  iterator = indices
+  # Several processes: each takes every n-th image (all defect types on every host) and the maps are gathered.
+  iterator = mine = indices[jax.process_index()::jax.process_count()]
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    iterator = tqdm.tqdm(indices, desc="evaluate", unit="image", dynamic_ncols=True)
+    iterator = tqdm.tqdm(mine, desc="evaluate", unit="image", dynamic_ncols=True)
   for index in iterator:
     index = int(index)
     path = None
@@ -376,6 +381,9 @@ def evaluate(
       if parse_map_name(name)[0] != "residual":
         cost += float(parts["shapley_seconds"])
       seconds[name].append(cost)
+  if jax.process_count() > 1:
+    image_maps, seconds, cached = _gather_processes(names, image_maps, seconds, cached, len(indices),
+                                                    params.config.image_shape[:2])
 
   types = [split.defect_types[i] for i in indices]
   labels = np.asarray([t != "good" for t in types], np.int32)
@@ -405,7 +413,7 @@ def evaluate(
     }
     del full
 
-  if figures_dir is not None:
+  if figures_dir is not None and jax.process_index() == 0:  # one figure, not one per host
     _save_overlays(split, indices, image_maps, Path(figures_dir) / "overlays.png", n_figure_images)
   return {
       "settings": dataclasses.asdict(settings),
@@ -417,6 +425,28 @@ def evaluate(
                   "scores": {name: float(image_maps[name][j].max()) for name in names}}
                  for j, i in enumerate(indices)],
   }
+
+
+def _gather_processes(names, image_maps, seconds, cached: int, n_images: int, shape):
+  """Every process's maps, seconds and cache count -> all of them, in the order of the images (every host).
+
+  Process ``p`` holds images ``p, p + n, p + 2n, ...`` of the ``n_images``; the others are gathered from their
+  processes (``multihost_utils.process_allgather``, padded to one shape).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n_processes = jax.process_count()
+  n_max = -(-n_images // n_processes)
+  local_maps = np.zeros((n_max, len(names), *shape), np.float32)
+  local_seconds = np.zeros((n_max, len(names)), np.float64)
+  for j, name in enumerate(names):
+    local_maps[:len(image_maps[name]), j] = image_maps[name]
+    local_seconds[:len(seconds[name]), j] = seconds[name]
+  all_maps, all_seconds, all_cached = (np.asarray(x) for x in multihost_utils.process_allgather(
+      (local_maps, local_seconds.astype(np.float32), np.int32(cached))))
+  order = [(i % n_processes, i // n_processes) for i in range(n_images)]  # image i: (its process, its row)
+  maps = {name: [all_maps[p, row, j] for p, row in order] for j, name in enumerate(names)}
+  times = {name: [float(all_seconds[p, row, j]) for p, row in order] for j, name in enumerate(names)}
+  return maps, times, int(all_cached.sum())
 
 
 def _save_overlays(split, indices, image_maps, path: Path, n_images: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from shapjax import attribution, checkpoint, data, model, plots, segmentation
+from shapjax import attribution, checkpoint, data, masking, metrics, model, plots, segmentation
 from shapjax.training import TrainConfig
 from shapjax.training import train as _train
 
@@ -34,7 +34,7 @@ def _ground_truth_for(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
   for name in (f"{path.stem}_mask.png", f"{path.stem}.png"):
     if (folder / name).is_file():
       mask = data.read_image(folder / name, channels=1)[..., 0] > 0.5
-      return data._resize_mask(mask, shape)
+      return data.resize_mask(mask, shape)
   return None
 
 
@@ -90,26 +90,36 @@ def explain_files(
       intensity more.
     progress: show a progress bar.
 
+  Several processes (after ``jax.distributed.initialize()``): every process passes the same ``paths``; process
+  ``p`` of ``n`` explains images ``p, p + n, ...`` (with the keys and file names of one process) and writes
+  their files.
+
   Returns:
-    One record per image: the JSON's content, plus ``"figure"`` and ``"json"`` paths, the label map
-    ``"labels"`` (``i32[H, W]``) and the ``"values"`` (``f32[max_regions]``).
+    One record per image (with several processes, per image of this process): the JSON's content, plus
+    ``"figure"`` and ``"json"`` paths, the label map ``"labels"`` (``i32[H, W]``) and the ``"values"``
+    (``f32[max_regions]``).
 
   Raises:
     ValueError: naming the file, for a missing or unreadable image.
   """
-  model._check_params(params)
+  if not isinstance(params, model.AutoencoderParams):
+    raise TypeError(f"params must be AutoencoderParams (from train or load), got {type(params).__name__}")
   paths = [Path(p) for p in paths]
   if not paths:
     raise ValueError("no images to explain")
   height, width, channels = params.config.image_shape
+  # Several processes: each explains every n-th image; the names are chosen over all of them, as in one process.
+  used = set()
+  stems = [_unique_stem(path, used) for path in paths]
+  mine = list(range(jax.process_index(), len(paths), jax.process_count()))
   # Read everything first: a bad path fails before minutes of computing.
-  images = [data.read_image(p, image_size=(height, width), channels=channels) for p in paths]
+  images = [data.read_image(paths[i], image_size=(height, width), channels=channels) for i in mine]
   key = jax.random.key(0) if key is None else key
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  used, records = set(), []
-  for i, (path, image) in enumerate(_progress(list(zip(paths, images)), total=len(paths), desc="explaining",
-                                              enabled=progress)):
+  records = []
+  for i, image in _progress(list(zip(mine, images)), total=len(mine), desc="explaining", enabled=progress):
+    path = paths[i]
     labels = segmentation.segment(image, max_regions=max_regions, compactness=compactness)
     started = time.perf_counter()
     result = attribution.attribute(params, image, labels, n_perm, key=jax.random.fold_in(key, i),
@@ -121,7 +131,7 @@ def explain_files(
     sizes = np.bincount(labels.ravel(), minlength=n_regions)
     order = [int(r) for r in np.argsort(-values[:n_regions])]
     mask = _ground_truth_for(path, (height, width))
-    stem = _unique_stem(path, used)
+    stem = stems[i]
     record = {
         "image": str(path),
         "model_input_size": [height, width],
@@ -199,12 +209,15 @@ def _round_robin(defect_types: Sequence[str], count: int) -> list[int]:
   return chosen
 
 
-def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
-  truth = np.asarray(truth, bool).ravel()
-  if truth.all() or not truth.any():
-    return None
-  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
-  return float(roc_auc_score(truth, np.asarray(scores, np.float64).ravel()))
+def _has_both(truth: np.ndarray) -> bool:
+  """Whether an AUROC is defined: ``truth`` holds both positives and negatives."""
+  truth = np.asarray(truth, bool)
+  return bool(truth.any()) and not bool(truth.all())
+
+
+def _pixel_auroc(heat: np.ndarray, truth: np.ndarray) -> float | None:
+  """:func:`shapjax.pixel_auroc` of one map, or None where the image has no defect pixels (or only those)."""
+  return metrics.pixel_auroc(heat, truth) if _has_both(truth) else None
 
 
 def run_demo(
@@ -270,18 +283,22 @@ def run_demo(
   residuals = np.asarray(model.residual_map(params, test_split.images[np.asarray(defective, int)]))
   per_image, shapley_maps = [], []
   for row, (i, record) in enumerate(zip(defective, records)):
-    heat = plots.value_map(record["values"], record["labels"])
+    heat = np.asarray(masking.heatmap(record["values"], record["labels"]))
     shapley_maps.append(heat)
     truth = test_split.masks[i]
     per_image.append({
         "image": record["image"], "defect_type": test_split.defect_types[i],
         "top_region_hits_defect": record.get("ground_truth", {}).get("top_region_hits_defect"),
-        "pixel_auroc_shapley": _auroc(heat, truth), "pixel_auroc_residual": _auroc(residuals[row], truth),
+        "pixel_auroc_shapley": _pixel_auroc(heat, truth), "pixel_auroc_residual": _pixel_auroc(residuals[row], truth),
         "figure": record["figure"]})
   plots.plot_overlay_grid(test_split.images[np.asarray(defective, int)],
                           {"Shapley map": np.stack(shapley_maps), "residual map": residuals},
                           masks=test_split.masks[np.asarray(defective, int)],
-                          row_titles=[Path(r["image"]).name for r in records], path=out_dir / "overview.png")
+                          region_labels={"Shapley map": np.stack([r["labels"] for r in records])},
+                          row_titles=[f"{Path(r['image']).name} ({test_split.defect_types[i]})"
+                                      for i, r in zip(defective, records)],
+                          title=f"{len(records)} defective test images: Shapley map ({config.n_perm} permutations, "
+                                f"up to {config.max_regions} regions) and residual map", path=out_dir / "overview.png")
   hits = [p["top_region_hits_defect"] for p in per_image if p["top_region_hits_defect"] is not None]
   shap_aurocs = [p["pixel_auroc_shapley"] for p in per_image if p["pixel_auroc_shapley"] is not None]
   res_aurocs = [p["pixel_auroc_residual"] for p in per_image if p["pixel_auroc_residual"] is not None]
@@ -290,7 +307,8 @@ def run_demo(
       "train_seconds": round(train_seconds, 1), "explain_seconds": round(explain_seconds, 1),
       "total_seconds": round(time.perf_counter() - started, 1),
       "good_test_loss": float(np.mean(losses[test_split.labels == 0])) if (test_split.labels == 0).any() else None,
-      "image_auroc_reconstruction_loss": _auroc(losses, test_split.labels),
+      "image_auroc_reconstruction_loss":
+          metrics.image_auroc(losses, test_split.labels) if _has_both(test_split.labels) else None,
       "top_region_hit_rate": float(np.mean(hits)) if hits else None,
       "mean_pixel_auroc_shapley": float(np.mean(shap_aurocs)) if shap_aurocs else None,
       "mean_pixel_auroc_residual": float(np.mean(res_aurocs)) if res_aurocs else None,

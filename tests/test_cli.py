@@ -18,10 +18,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args, timeout=300):
+def _run(*args, cwd=ROOT, timeout=300):
+  """``python -m shapjax ARGS...`` in ``cwd``, as a user runs it."""
   env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "shapjax.cli", *map(str, args)], capture_output=True, text=True,
-                        env=env, timeout=timeout, cwd=ROOT)
+  return subprocess.run([sys.executable, "-m", "shapjax", *map(str, args)], capture_output=True, text=True,
+                        env=env, timeout=timeout, cwd=cwd)
 
 
 def _valid_png(path):
@@ -100,7 +101,7 @@ def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
     result = _run("--compilation-cache", cache, "explain", *images, "--checkpoint", out, "--n-perm", 4,
                   "--regions", 8, "--out", tmp_path / run)
     assert result.returncode == 0, result.stderr
-  assert sorted(p.name.split("-")[0] for p in (cache / "exported").iterdir()) == ["attribute"]
+  assert any(cache.iterdir())  # JAX's persistent cache holds the compiled programs
   for image in images:
     _valid_png(tmp_path / "x" / f"{image.stem}.png")
     record = json.loads((tmp_path / "x" / f"{image.stem}.json").read_text())
@@ -111,16 +112,19 @@ def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
     assert json.loads((tmp_path / "warm" / f"{image.stem}.json").read_text())["regions"] == record["regions"]
 
 
-def test_demo_quick(tmp_path):
-  result = _run("demo", "--quick", "--out", tmp_path / "demo")
+@pytest.mark.slow
+def test_demo_quick_with_a_relative_out(tmp_path):
+  # README command 1, from a fresh folder: the relative --out reaches orbax (which wants absolute paths).
+  result = _run("demo", "--quick", "--out", "demo_out", cwd=tmp_path)
   assert result.returncode == 0, result.stderr
-  demo = tmp_path / "demo"
+  demo = tmp_path / "demo_out"
   summary = json.loads((demo / "summary.json").read_text())
   assert len(summary["images"]) == 2
   assert {item["defect_type"] for item in summary["images"]} == {"blob", "scratch"}  # one of each kind
   for item in summary["images"]:
-    _valid_png(Path(item["figure"]))
-    json.loads(Path(item["figure"]).with_suffix(".json").read_text())
+    figure = tmp_path / item["figure"]  # relative to the working directory when --out is
+    _valid_png(figure)
+    json.loads(figure.with_suffix(".json").read_text())
   _valid_png(demo / "overview.png")
   _valid_png(demo / "checkpoint" / "loss.png")
   assert (demo / "summary.md").read_text().startswith("# shapjax demo")
@@ -128,10 +132,38 @@ def test_demo_quick(tmp_path):
   assert "[2/4]" in result.stderr and "training" in result.stderr  # progress is shown
 
 
+@pytest.mark.slow
+def test_train_explain_evaluate_with_relative_paths(tmp_path):
+  shapjax.make_demo_dataset(tmp_path / "data", n_train=8, n_test=4, image_size=24, seed=1)
+  run = lambda *args: _run(*args, cwd=tmp_path)
+  trained = run("train", "data", "--out", "ckpt", "--steps", 2, "--image-size", 24, "--features", "4,8",
+                "--latent-features", 4, "--batch-size", 4, "--checkpoint-every", 1, "--keep", 1, "--quiet")
+  assert trained.returncode == 0, trained.stderr
+  assert "checkpoint: ckpt " in trained.stdout and (tmp_path / "ckpt" / "2").is_dir()
+  resumed = run("train", "data", "--out", "ckpt", "--steps", 3, "--image-size", 24, "--features", "4,8",
+                "--latent-features", 4, "--batch-size", 4, "--checkpoint-every", 1, "--keep", 1, "--quiet",
+                "--resume")
+  assert resumed.returncode == 0, resumed.stderr
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["3"]
+  image = next((tmp_path / "data" / "test").glob("[!g]*/*.png")).relative_to(tmp_path)
+  explained = run("explain", image, "--checkpoint", "ckpt", "--out", "explained", "--n-perm", 4, "--regions", 8,
+                  "--quiet")
+  assert explained.returncode == 0, explained.stderr
+  _valid_png(tmp_path / "explained" / f"{image.stem}.png")
+  evaluated = run("evaluate", "data", "--checkpoint", "ckpt", "--maps", "residual,shapley", "--n-perm", 4,
+                  "--regions", 8, "--json", "results.json", "--quiet")
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert set(json.loads((tmp_path / "results.json").read_text())["maps"]) == {"residual", "shapley"}
+  missing = run("evaluate", "data", "--checkpoint", "no_ckpt", "--json", "x.json")
+  assert missing.returncode == 1
+  assert _one_line_error(missing) == "shapjax: error: no checkpoint at no_ckpt: the path does not exist"
+
+
 def test_missing_checkpoint_as_subprocess(dataset, tmp_path):
   image = sorted((dataset / "test" / "good").glob("*.png"))[0]
   missing = _run("explain", image, "--checkpoint", tmp_path / "nowhere", "--out", tmp_path / "x")
-  assert missing.returncode == 1 and "nowhere" in _one_line_error(missing)
+  assert missing.returncode == 1
+  assert _one_line_error(missing) == f"shapjax: error: no checkpoint at {tmp_path / 'nowhere'}: the path does not exist"
 
 
 def _main_error(argv, capsys):
@@ -179,6 +211,59 @@ def test_usage_errors_exit_2(argv, capsys):
     raise SystemExit(code)
   assert exit_info.value.code == 2
   assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "x.png", "--checkpoint", "c", "--out", "o", "--n-perm", "3"], "n_perm must be even, got 3"),
+    (["evaluate", "d", "--checkpoint", "c", "--json", "o.json", "--n-perm", "5"], "n_perm must be even, got 5"),
+    (["evaluate", "d", "--checkpoint", "c", "--json", "o.json", "--maps", "residual,foo"], "unknown map 'foo'"),
+    (["evaluate", "d", "--checkpoint", "c", "--json", "o.json", "--regions", "8,x"], "comma-separated integers"),
+    (["train", "d", "--out", "o", "--image-size", "1", "2", "3"], "one or two numbers"),
+    (["train", "d", "--out", "o", "--devices", "2", "--batch-size", "5"], "multiple of --devices"),
+])
+def test_usage_errors_show_the_commands_usage(argv, message, capsys):
+  # Found before anything is loaded ("c" and "d" do not exist), reported with the subcommand's usage line.
+  with pytest.raises(SystemExit) as exit_info:
+    raise SystemExit(cli.main(argv))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  command = argv[0]
+  assert err.startswith(f"usage: shapjax {command} "), err
+  assert f"shapjax {command}: error: " in err and message in err, err
+
+
+def test_image_size_takes_one_or_two_numbers(capsys):
+  parser = cli.build_parser()
+  assert parser.parse_args(["train", "d", "--out", "o"]).image_size == (128, 128)
+  assert parser.parse_args(["train", "d", "--out", "o", "--image-size", "64"]).image_size == (64, 64)
+  assert parser.parse_args(["train", "d", "--out", "o", "--image-size", "320", "128"]).image_size == (320, 128)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  assert "[--image-size H [W]]" in text and "--image-size H [W]  " in text
+  assert "H [W ...]" not in text and "[H [W] ...]" not in text
+
+
+def test_defaults_are_the_librarys():
+  from shapjax import evaluation, pipeline, segmentation, training
+  parser = cli.build_parser()
+  evaluate = parser.parse_args(["evaluate", "d", "--checkpoint", "c", "--json", "o.json"])
+  assert evaluate.maps.split(",") == list(evaluation.DEFAULT_MAPS)
+  assert evaluate.n_perm == evaluation.DEFAULT_N_PERM and evaluate.baseline == evaluation.DEFAULT_BASELINE
+  assert tuple(int(r) for r in evaluate.regions.split(",")) == evaluation.DEFAULT_REGIONS
+  explain = parser.parse_args(["explain", "x.png", "--checkpoint", "c", "--out", "o"])
+  assert explain.n_perm == pipeline.DEFAULT_EXPLAIN_N_PERM and explain.regions == segmentation.DEFAULT_MAX_REGIONS
+  train = parser.parse_args(["train", "d", "--out", "o"])
+  config, model_config = training.TrainConfig(), shapjax.AutoencoderConfig(image_shape=(8, 8, 1))
+  assert (train.batch_size, train.learning_rate, train.max_shift, train.keep, train.seed, train.flips) == (
+      config.batch_size, config.learning_rate, config.max_shift, config.keep_checkpoints, config.seed, config.flips)
+  assert (train.features, train.latent_features) == (model_config.features, model_config.latent_features)
+
+
+def test_python_dash_m_shapjax(tmp_path):
+  result = _run("--version", cwd=tmp_path)
+  assert result.returncode == 0 and result.stdout.strip() == f"shapjax {shapjax.__version__}", result
 
 
 def test_train_more_devices_than_the_running_process_has(capsys):

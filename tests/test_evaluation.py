@@ -152,14 +152,6 @@ def test_cli_evaluate_as_subprocess(dataset, params, tmp_path):
   assert bad.returncode == 2 and "unknown map" in bad.stderr
 
 
-def test_cli_defaults_agree_with_evaluate():
-  from shapjax import cli
-  defaults = cli._EVALUATE_DEFAULTS
-  assert defaults["maps"] == evaluation.DEFAULT_MAPS and defaults["base_maps"] == evaluation.BASE_MAPS
-  assert defaults["n_perm"] == evaluation.DEFAULT_N_PERM and defaults["regions"] == evaluation.DEFAULT_REGIONS
-  assert defaults["baseline"] == evaluation.DEFAULT_BASELINE
-
-
 def test_pooled_controls_equal_shapley_maps_of_an_additive_game():
   # In the additive game v(S) = mean residual over the pixels of S's regions, each region's Shapley value is its
   # residual sum over the image size; shapley_area and residual_x_shapley_norm then equal their pooled controls.
