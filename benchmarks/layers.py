@@ -1,18 +1,19 @@
-"""Where the autoencoder's CPU time goes, and the two layer-level rewrites shapjax makes on CPU.
+"""Where the autoencoder's CPU time goes, and what each speed-up of ``shapjax.speedups`` gains today.
 
-    .venv/bin/python benchmarks/layers.py                 # ~2 min on 2 CPU cores
-    .venv/bin/python benchmarks/layers.py --batch 8 --out benchmarks/results/layers.json
+    .venv/bin/python benchmarks/layers.py                 # a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/layers.py --batch 4 --rounds 5 --out benchmarks/results/layers.json
 
 Everything runs on one XLA CPU device with one thread (``--xla_cpu_multi_thread_eigen=false``, what
 ``shapjax.use_cpu_devices`` gives each device), interleaved over several rounds, best round reported:
 
-* output layer: ``reconstruction_loss`` of the default model as shapjax computes it (the shuffle decoder's
-  output convolution as a 2x2 convolution on the low-resolution tensor, loss compared phase by phase) against
-  the same model with a plain full-resolution output convolution, depth-to-space and image-wise loss;
+* output layer: ``reconstruction_loss`` of the default model as shapjax computes it (``speedups.ShuffleOutputConv``:
+  a 2x2 convolution on the low-resolution tensor) against the same model written with plain convolutions;
 * kernel gradients: for every convolution of the default model, XLA's own kernel gradient (a convolution whose
-  window is the whole feature map) against one matrix product per tap (what ``shapjax.model`` uses on CPU);
-* one training step (forward, backward, Adam) with each kernel gradient;
-* ``shapjax.attribute`` evaluations per second for several ``batch_size`` (the CPU default is 16).
+  window is the whole feature map) against one matrix product per tap (``speedups.conv_general_dilated``);
+* one training step (loss and gradient) with XLA's kernel gradients, per tap over the whole batch, and per tap
+  image by image (shapjax);
+* forward options: ``reconstruction_loss`` under ``speedups.jit_forward`` against plain ``jax.jit``, batch 16;
+* initialisation: compile and run time of ``init_autoencoder`` under ``speedups.jit_init`` against ``jax.jit``.
 
 Prints markdown tables and writes JSON.
 """
@@ -43,9 +44,9 @@ def _interleaved_best(fns: dict, rounds: int) -> dict:
 
 
 def plain_reconstruction(params, images):
-  """The shuffle-decoder autoencoder written out layer by layer with plain ``lax`` convolutions, its output
-  layer a full-resolution convolution after depth-to-space: the reference for the phase-wise output layer
-  (also the reference of ``tests/test_model.py``). ``f32[N, H, W, C] -> f32[N, H, W, C]``."""
+  """The autoencoder written out layer by layer with plain ``lax`` convolutions (XLA's own gradients), its output
+  layer a full-resolution convolution after depth-to-space: the reference for ``shapjax.speedups`` (also the
+  reference of ``tests/test_model.py``). ``f32[N, H, W, C] -> f32[N, H, W, C]``; convolutional bottleneck only."""
   import jax
   import jax.numpy as jnp
 
@@ -64,22 +65,28 @@ def plain_reconstruction(params, images):
   x = jax.nn.relu(conv(x, w[f"Conv_{n}"], 1))
   for i in range(n + 1, 2 * n + 1):
     y = conv(x, w[f"Conv_{i}"], 1)
-    b, h, wd, c = y.shape  # depth-to-space written out, independently of shapjax.model's
+    b, h, wd, c = y.shape  # depth-to-space written out, independently of shapjax's
     x = jax.nn.relu(y.reshape(b, h, wd, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * wd, c // 4))
   return jax.nn.sigmoid(conv(x, w[f"Conv_{2 * n + 1}"], 1))[:, :height, :width]
 
 
-def _plain_output_loss(params, images):
+def _plain_loss(params, images):
   import jax.numpy as jnp
   return jnp.mean(jnp.square(plain_reconstruction(params, images) - images), axis=(1, 2, 3))
+
+
+def _print_rows(title: str, header: str, rows: list[str]) -> None:
+  print(f"\n## {title}\n\n{header}\n|{'---|' * header.count(' | ')}---|")
+  for row in rows:
+    print(row)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", type=int, default=128)
-  parser.add_argument("--batch", type=int, default=8, help="images per call")
+  parser.add_argument("--batch", type=int, default=8, help="images per call (training and layers)")
+  parser.add_argument("--forward-batch", type=int, default=16, help="images per call of the forward options")
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--attribute-batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[8, 16, 32, 64])
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layers.json"))
   args = parser.parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -87,30 +94,31 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
 
   import shapjax
   from benchmarks.report import write_json
-  from benchmarks.throughput import adam_step
-  from shapjax import model
+  from shapjax import model, speedups
 
-  params = shapjax.init_autoencoder((args.size, args.size, 3), key=jax.random.key(0))
-  images = jnp.asarray(np.random.default_rng(0).random((args.batch, args.size, args.size, 3)), jnp.float32)
+  assert speedups.enabled(), "run on the CPU backend without SHAPJAX_XLA_DEFAULTS"
+  shape = (args.size, args.size, 3)
+  params = shapjax.init_autoencoder(shape, key=jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((args.batch, *shape)), jnp.float32)
   report = {"batch": args.batch, "size": args.size, "jax": jax.__version__, "backend": jax.default_backend(),
             "xla_flags": os.environ["XLA_FLAGS"]}
 
   # 1. Output layer.
-  phase = jax.jit(shapjax.reconstruction_loss)
-  plain = jax.jit(_plain_output_loss)
-  np.testing.assert_allclose(phase(params, images), plain(params, images), rtol=1e-5)
-  best = _interleaved_best({"phase": lambda: phase(params, images), "plain": lambda: plain(params, images)},
+  shuffle = jax.jit(shapjax.reconstruction_loss)
+  plain = jax.jit(_plain_loss)
+  np.testing.assert_allclose(shuffle(params, images), plain(params, images), rtol=1e-5)
+  best = _interleaved_best({"shuffle": lambda: shuffle(params, images), "plain": lambda: plain(params, images)},
                            args.rounds)
   report["output_layer"] = {k: {"seconds": v, "images_per_s": args.batch / v} for k, v in best.items()}
-  print(f"## Forward + loss, batch {args.batch}, {args.size}x{args.size}x3, one single-threaded CPU device\n")
-  print("| output layer | ms | images/s |\n|---|---|---|")
-  for name, label in [("plain", "full-resolution 3x3 conv, depth-to-space, image-wise loss"),
-                      ("phase", "2x2 conv on the low-resolution tensor, phase-wise loss (shapjax)")]:
-    print(f"| {label} | {best[name] * 1e3:.1f} | {args.batch / best[name]:.1f} |")
+  _print_rows(f"Forward + loss, batch {args.batch}, {args.size}x{args.size}x3, one single-threaded CPU device",
+              "| output layer | ms | images/s |",
+              [f"| {label} | {best[name] * 1e3:.1f} | {args.batch / best[name]:.1f} |" for name, label in
+               [("plain", "full-resolution 3x3 conv after depth-to-space"),
+                ("shuffle", "2x2 conv on the low-resolution tensor (speedups.ShuffleOutputConv)")]])
 
   # 2. Kernel gradients, layer by layer: the inputs and output gradients each convolution sees.
   nhwc = ("NHWC", "HWIO", "NHWC")
@@ -133,10 +141,7 @@ def main(argv=None) -> None:
     previous = f
   layers.append((f"output (phases) {4 * previous}->12 2x2 at {h // 2}x{h // 2}",
                  (args.batch, h // 2, h // 2, 4 * previous), (2, 2, 4 * previous, 12), 1))
-  rng = np.random.default_rng(1)
   rows = []
-  print(f"\n## Kernel gradient of each convolution, batch {args.batch}\n")
-  print("| layer | XLA's own ms | per-tap products ms | speed-up |\n|---|---|---|---|")
   for name, x_shape, k_shape, stride in layers:
     x = jnp.asarray(rng.random(x_shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
@@ -152,50 +157,66 @@ def main(argv=None) -> None:
                        kernel)
       return vjp(dy)[0]
 
-    taps = jax.jit(lambda x, dy: model._weight_grad_by_taps(x, dy, k_shape, (stride, stride), pads))
+    taps = jax.jit(lambda x, dy: speedups._weight_grad_by_taps(x, dy, k_shape, (stride, stride), pads))
     xla = jax.jit(xla_grad)
     np.testing.assert_allclose(taps(x, dy), xla(x, kernel, dy), rtol=2e-4, atol=1e-3)
     best = _interleaved_best({"xla": lambda: xla(x, kernel, dy), "taps": lambda: taps(x, dy)}, args.rounds)
-    rows.append({"layer": name, "xla_s": best["xla"], "taps_s": best["taps"]})
-    print(f"| {name} | {best['xla'] * 1e3:.1f} | {best['taps'] * 1e3:.1f} | {best['xla'] / best['taps']:.2f}x |")
+    rows.append({"layer": name, "xla_s": best["xla"], "taps_s": best["taps"],
+                 "taps_used": speedups._taps_are_faster(k_shape)})
   report["kernel_gradients"] = rows
+  _print_rows(f"Kernel gradient of each convolution, batch {args.batch}",
+              "| layer | XLA's own ms | per-tap products ms | speed-up | shapjax uses |",
+              [f"| {r['layer']} | {r['xla_s'] * 1e3:.1f} | {r['taps_s'] * 1e3:.1f} | {r['xla_s'] / r['taps_s']:.2f}x | "
+               f"{'per tap' if r['taps_used'] else 'XLA'} |" for r in rows])
 
-  # 3. One training step, each way.
-  optimizer = optax.adam(1e-3)
+  # 3. One training step (loss and gradient) with each kind of kernel gradient, chosen when the step is traced.
+  def step():
+    return jax.jit(jax.value_and_grad(lambda w: jnp.mean(shapjax.reconstruction_loss(params.replace(weights=w),
+                                                                                     images))))
 
-  taps_step = adam_step(params.config, optimizer)
-  original = model._taps_are_faster
-  model._taps_are_faster = lambda *_: False
-  try:
-    xla_step = adam_step(params.config, optimizer)
-    state = optimizer.init(params.weights)
-    jax.block_until_ready(xla_step(params.weights, state, images))  # traced with XLA's kernel gradients
-  finally:
-    model._taps_are_faster = original
-  jax.block_until_ready(taps_step(params.weights, state, images))
-  best = _interleaved_best({"xla": lambda: xla_step(params.weights, state, images)[2],
-                            "taps": lambda: taps_step(params.weights, state, images)[2]}, args.rounds)
+  steps = {}
+  for name, taps_rule, min_pixels in [("xla", lambda _: False, None), ("taps_whole_batch", None, 10 ** 12),
+                                      ("taps_per_image", None, None)]:
+    saved = speedups._taps_are_faster, speedups._PER_IMAGE_MIN_PIXELS
+    speedups._taps_are_faster = taps_rule or saved[0]
+    speedups._PER_IMAGE_MIN_PIXELS = min_pixels or saved[1]
+    try:
+      steps[name] = step()
+      jax.block_until_ready(steps[name](params.weights))  # traced now, with this choice
+    finally:
+      speedups._taps_are_faster, speedups._PER_IMAGE_MIN_PIXELS = saved
+  best = _interleaved_best({name: (lambda f=f: f(params.weights)) for name, f in steps.items()}, args.rounds)
   report["train_step"] = {k: {"seconds": v, "steps_per_s": 1 / v} for k, v in best.items()}
-  print(f"\n## One training step (forward, backward, Adam), batch {args.batch}\n")
-  print("| kernel gradients | ms | steps/s |\n|---|---|---|")
-  print(f"| XLA's own | {best['xla'] * 1e3:.0f} | {1 / best['xla']:.2f} |")
-  print(f"| per-tap products (shapjax on CPU) | {best['taps'] * 1e3:.0f} | {1 / best['taps']:.2f} |")
+  _print_rows(f"One training step (loss and gradient), batch {args.batch}", "| kernel gradients | ms | steps/s |",
+              [f"| {label} | {best[name] * 1e3:.0f} | {1 / best[name]:.2f} |" for name, label in
+               [("xla", "XLA's own"), ("taps_whole_batch", "per tap, whole batch"),
+                ("taps_per_image", "per tap, image by image on big maps (shapjax)")]])
 
-  # 4. Chunk size of attribute (coalitions per autoencoder call).
-  from benchmarks.throughput import _make_image, _make_labels
-  image = _make_image(args.size)
-  labels = _make_labels(image, 64)
-  calls = {}
-  for batch_size in args.attribute_batch_sizes:
-    calls[batch_size] = (lambda b=batch_size: shapjax.attribute(params, image, labels, 4, key=jax.random.key(1),
-                                                                 max_regions=64, batch_size=b).values)
-  best = _interleaved_best(calls, args.rounds)
-  n_evals = int(shapjax.attribute(params, image, labels, 4, max_regions=64).n_evals)
-  report["attribute_batch_size"] = {str(b): {"seconds": t, "evals_per_s": n_evals / t} for b, t in best.items()}
-  print(f"\n## attribute, n_perm 4, {int(np.max(labels)) + 1} regions ({n_evals} evaluations), by batch_size\n")
-  print("| batch_size | evals/s |\n|---|---|")
-  for b, t in best.items():
-    print(f"| {b} | {n_evals / t:.0f} |")
+  # 4. Forward options (the attribution programs' jit).
+  batch = jnp.asarray(rng.random((args.forward_batch, *shape)), jnp.float32)
+  tuned = speedups.jit_forward(shapjax.reconstruction_loss)
+  default = jax.jit(shapjax.reconstruction_loss)
+  np.testing.assert_allclose(tuned(params, batch), default(params, batch), rtol=1e-5)
+  assert tuned.uses_options(params, batch)
+  best = _interleaved_best({"jit_forward": lambda: tuned(params, batch), "jit": lambda: default(params, batch)},
+                           args.rounds)
+  report["forward_options"] = {k: {"seconds": v, "images_per_s": args.forward_batch / v} for k, v in best.items()}
+  _print_rows(f"Forward + loss, batch {args.forward_batch}", "| compiled with | ms | images/s |",
+              [f"| {label} | {best[name] * 1e3:.1f} | {args.forward_batch / best[name]:.1f} |" for name, label in
+               [("jit", "XLA's defaults (jax.jit)"), ("jit_forward", "YNN fusions (speedups.jit_forward)")]])
+
+  # 5. Initialisation: one compile each, so timed once, from a cleared cache.
+  init_times = {}
+  for name, jit in [("jit", jax.jit), ("jit_init", speedups.jit_init)]:
+    init = jit(model._init_weights.__wrapped__, static_argnames=("config",))
+    jax.clear_caches()
+    start = time.perf_counter()
+    jax.block_until_ready(init(cfg, jax.random.key(1)))
+    init_times[name] = time.perf_counter() - start
+  report["init"] = {k: {"seconds": v} for k, v in init_times.items()}
+  _print_rows("init_autoencoder of the default model, compile and run", "| compiled with | s |",
+              [f"| XLA's defaults (jax.jit) | {init_times['jit']:.2f} |",
+               f"| no LLVM optimisation (speedups.jit_init) | {init_times['jit_init']:.2f} |"])
 
   write_json(report, args.out)
   print(f"\nwrote {os.path.relpath(args.out, ROOT)}")

@@ -233,12 +233,7 @@ def model_flops(config) -> float:
   previous = config.latent_features
   outputs = list(config.features[-2::-1]) + [max(config.features[0] // 2, channels)]
   for features in outputs:
-    if config.decoder == "shuffle":
-      flops += 2 * h * w * 9 * previous * 4 * features  # conv at low resolution, then depth-to-space
-    elif config.decoder == "resize":
-      flops += 2 * (2 * h) * (2 * w) * 9 * previous * features
-    else:  # transposed conv: each input pixel meets each of the 9 taps once (the zeros are not counted)
-      flops += 2 * h * w * 9 * previous * features
+    flops += 2 * h * w * 9 * previous * 4 * features  # conv at low resolution, then depth-to-space
     h, w = 2 * h, 2 * w
     previous = features
   flops += 2 * h * w * 9 * previous * channels

@@ -24,12 +24,10 @@ from torch import nn
 
 
 class TorchAutoencoder(nn.Module):
-  """The shapjax autoencoder (``decoder="shuffle"`` or ``"resize"``) in PyTorch, NCHW, float32."""
+  """The shapjax autoencoder (pixel-shuffle decoder, convolutional bottleneck) in PyTorch, NCHW, float32."""
 
   def __init__(self, config):
     super().__init__()
-    if config.decoder not in ("shuffle", "resize"):
-      raise ValueError(f"no PyTorch twin for decoder={config.decoder!r}")
     if config.bottleneck != "conv":
       raise ValueError(f"no PyTorch twin for bottleneck={config.bottleneck!r}")
     self.config = config
@@ -44,8 +42,7 @@ class TorchAutoencoder(nn.Module):
     self.decoder = nn.ModuleList()
     outputs = list(config.features[-2::-1]) + [max(config.features[0] // 2, channels)]
     for features in outputs:
-      width = 4 * features if config.decoder == "shuffle" else features
-      self.decoder.append(nn.Conv2d(previous, width, 3, padding=1))
+      self.decoder.append(nn.Conv2d(previous, 4 * features, 3, padding=1))
       previous = features
     self.head = nn.Conv2d(previous, channels, 3, padding=1)
 
@@ -60,11 +57,7 @@ class TorchAutoencoder(nn.Module):
       x = F.relu(conv(F.pad(x, (0, 1, 0, 1))))  # flax SAME, stride 2, even size: pad (0, 1)
     x = F.relu(self.bottleneck(x))
     for conv in self.decoder:
-      if self.config.decoder == "shuffle":
-        x = F.pixel_shuffle(conv(x), 2)
-      else:
-        x = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-      x = F.relu(x)
+      x = F.relu(F.pixel_shuffle(conv(x), 2))
     x = torch.sigmoid(self.head(x))
     return x[..., :height, :width]
 
@@ -99,7 +92,7 @@ def torch_autoencoder(params, *, device: str | torch.device = "cpu") -> TorchAut
   convs = [weights[f"Conv_{i}"] for i in range(len(targets))]
   with torch.no_grad():
     for index, (layer, target) in enumerate(zip(convs, targets)):
-      is_up = n_enc < index <= 2 * n_enc and config.decoder == "shuffle"
+      is_up = n_enc < index <= 2 * n_enc
       kernel, bias = _conv_weights(layer, shuffle_out=target.out_channels // 4 if is_up else None)
       target.weight.copy_(torch.tensor(kernel))
       target.bias.copy_(torch.tensor(bias))

@@ -174,7 +174,7 @@ def prepare(params: model.AutoencoderParams, image: ArrayLike, labels: ArrayLike
   Returns:
     :class:`Prepared`.
   """
-  model._check_params(params)  # pylint: disable=protected-access
+  model.check_params(params)
   if not isinstance(max_regions, (int, np.integer)) or max_regions < 1:
     raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
   batch_size = sampling.default_batch_size(batch_size)
@@ -275,18 +275,29 @@ def _attribute_on_mesh(params, prepared: Prepared, key, mesh) -> sampling.Shaple
                      f"{options.estimator!r} samples: n_perm must be a multiple of {unit}, got {options.n_perm} "
                      f"(try {-(-options.n_perm // unit) * unit})")
   args = devices.replicate((params, prepared.images, prepared.labels, key, prepared.baseline), mesh)
-  return _permutations_program(*args, options=options, mesh=mesh)
+  result = _permutations_program(*args, options=options, mesh=mesh)
+  # Several processes: the result is one global array copied on every device; each host gets its own copy.
+  return result if jax.process_count() == 1 else devices.local_copy(result)
 
 
 @functools.partial(speedups.jit_forward, static_argnames=("options", "mesh"))
 def _images_program(params, images, labels, key, offset, baseline_array, *, options, mesh):
-  """Attributes ``images[j]`` with key ``fold_in(key, offset + j)``; with a mesh, one image shard per device."""
+  """Attributes ``images[j]`` with key ``fold_in(key, offset + j)``; with a mesh, one image shard per device.
+
+  ``offset`` is a scalar, or ``i32[N]``: the key index of each row (split over the mesh like the images), which
+  lets each of several hosts number its own rows.
+  """
   per_image_baseline = baseline_array is not None and baseline_array.ndim == 4
+  per_row_index = offset.ndim == 1
 
   def local(params, images, labels, key, offset, baseline_array):
     n_local = images.shape[0]
-    first = offset if mesh is None else offset + jax.lax.axis_index(devices.axes(mesh)) * n_local
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n_local))
+    if per_row_index:
+      indices = offset
+    else:
+      first = offset if mesh is None else offset + jax.lax.axis_index(devices.axes(mesh)) * n_local
+      indices = first + jnp.arange(n_local)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     if per_image_baseline:
       xs = (images, labels, keys, baseline_array)
       one = lambda args: _attribute_one(params, *args, options)
@@ -299,7 +310,7 @@ def _images_program(params, images, labels, key, offset, baseline_array, *, opti
   if mesh is None:
     return local(params, images, labels, key, offset, baseline_array)
   rows, whole = P(devices.axes(mesh)), P()
-  in_specs = (whole, rows, rows, whole, whole, rows if per_image_baseline else whole)
+  in_specs = (whole, rows, rows, whole, rows if per_row_index else whole, rows if per_image_baseline else whole)
   # check_vma=False as in _permutations_program: the per-device program is the one-device program.
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(
       params, images, labels, key, offset, baseline_array)
@@ -310,25 +321,29 @@ def run_images(params: model.AutoencoderParams, images, labels, key: jax.Array, 
   """Dispatches one compiled batch program on prepared inputs (asynchronously: JAX returns before it finishes).
 
   Image ``j`` uses ``fold_in(key, offset + j)``. With a mesh, ``images`` and ``labels`` must hold a multiple
-  of the device count of rows on the host (they are split over the mesh; several hosts each pass their own
-  rows) and ``params``, ``key`` and a shared baseline must be replicated (:func:`shapjax.devices.replicate`).
+  of this process's device count of rows (they are split over the mesh) and ``params``, ``key`` and a shared
+  baseline must be replicated (:func:`shapjax.devices.replicate`). Several processes each pass their own rows
+  (the same number on every process) and their own ``offset``: the index of their ``images[0]``.
 
   Args:
     params: autoencoder params.
     images: ``f32[N, H, W, C]`` checked by :func:`prepare`.
     labels: ``i32[N, H, W]``.
     key: PRNG key.
-    offset: index of ``images[0]`` in the whole run.
+    offset: index of ``images[0]`` in the whole run (of this process's ``images[0]``, with several).
     baseline_array: None, ``f32[H, W, C]`` or ``f32[N, H, W, C]``.
     options: from :func:`prepare`.
     mesh: split the images over this mesh, or None for the default device.
 
   Returns:
-    :class:`shapjax.ShapleyResult` with a leading axis of size N (global, batch-sharded with a mesh).
+    :class:`shapjax.ShapleyResult` with a leading axis of size N (global, batch-sharded with a mesh: with
+    several processes, N is every process's rows; :func:`shapjax.devices.local_rows` gives this one's).
   """
-  offset = jnp.int32(offset)
   if mesh is None:
-    return _images_program(params, images, labels, key, offset, baseline_array, options=options, mesh=None)
+    return _images_program(params, images, labels, key, jnp.int32(offset), baseline_array, options=options,
+                           mesh=None)
+  # Each row carries its own key index: hosts number their rows themselves, whatever their place in the mesh.
+  offset = devices.put_rows(np.int32(offset) + np.arange(images.shape[0], dtype=np.int32), mesh)
   images, labels = devices.put_rows(images, mesh), devices.put_rows(labels, mesh)
   if baseline_array is not None and baseline_array.ndim == 4:
     baseline_array = devices.put_rows(baseline_array, mesh)
@@ -449,7 +464,11 @@ def attribute_batch(
     estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
       :func:`shapjax.shapley_values`).
     mesh: a ``jax.sharding.Mesh`` (e.g. :func:`shapjax.make_mesh`) to split the images across its devices,
-      one shard per device with no communication; N is padded to a multiple of the device count.
+      one shard per device with no communication; N is padded to a multiple of the device count. Several
+      processes (after ``jax.distributed.initialize()``, a mesh over every process's devices) each pass their
+      own images (any number each; the same params, key and shared baseline) and get back their own
+      images' values; process ``p``'s image ``i`` uses ``fold_in(key, n_0 + ... + n_(p-1) + i)``, as in one
+      process given every process's images in process order.
 
   Returns:
     :class:`shapjax.ShapleyResult` whose fields have a leading axis of size N.
@@ -462,15 +481,21 @@ def attribute_batch(
                       options=prepared.options)
   mesh = devices.check_mesh(mesh)
   n_images = prepared.images.shape[0]
-  n_rows = -(-n_images // mesh.size) * mesh.size
+  counts = devices.process_counts(n_images)  # several processes: every one pads to the largest count
+  n_local = devices.local_size(mesh)
+  n_rows = -(-int(counts.max()) // n_local) * n_local
   baseline_array = prepared.baseline
   if baseline_array is not None:
     baseline_array = (devices.pad_rows(np.asarray(baseline_array), n_rows) if baseline_array.ndim == 4
                       else devices.replicate(baseline_array, mesh))
   params, key = devices.replicate((params, key), mesh)
   result = run_images(params, devices.pad_rows(np.asarray(prepared.images), n_rows),
-                      devices.pad_rows(np.asarray(prepared.labels), n_rows), key, offset=0,
-                      baseline_array=baseline_array, options=prepared.options, mesh=mesh)
+                      devices.pad_rows(np.asarray(prepared.labels), n_rows), key,
+                      offset=int(counts[:jax.process_index()].sum()), baseline_array=baseline_array,
+                      options=prepared.options, mesh=mesh)
+  if jax.process_count() > 1:  # this process's rows, on its first device
+    return jax.tree.map(lambda x: jnp.asarray(devices.local_rows(x)[:n_images], device=jax.local_devices()[0]),
+                        result)
   if n_rows != n_images:  # drop the padding rows; gathered first, which any mesh's axis types allow
     result = jax.tree.map(lambda x: devices.replicate(x, mesh)[:n_images], result)
   return result

@@ -229,7 +229,7 @@ def save(params: model.AutoencoderParams, path: str | os.PathLike) -> Path:
   Raises:
     ValueError: when ``path`` exists and is not a shapjax checkpoint.
   """
-  model._check_params(params)
+  model.check_params(params)
   given = Path(path)
   path = _absolute(given)
   if path.exists() and not (path.is_dir() and _is_item_folder(path)):

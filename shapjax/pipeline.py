@@ -102,8 +102,7 @@ def explain_files(
   Raises:
     ValueError: naming the file, for a missing or unreadable image.
   """
-  if not isinstance(params, model.AutoencoderParams):
-    raise TypeError(f"params must be AutoencoderParams (from train or load), got {type(params).__name__}")
+  model.check_params(params)
   paths = [Path(p) for p in paths]
   if not paths:
     raise ValueError("no images to explain")

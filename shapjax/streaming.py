@@ -76,9 +76,12 @@ def attribute_dataset(
   Image ``i`` of the dataset uses ``fold_in(key, i)``, so the values equal :func:`shapjax.attribute_batch` over
   the whole dataset, on one device or many.
 
-  Several hosts: after ``jax.distributed.initialize()``, call this on every host with that host's own images and
-  a mesh over all devices; ``batch`` is then per host and each host gets back its own images' values. (Image
-  ``i`` of host ``p`` in batch ``k`` uses index ``k * batch * n_hosts + p * batch + i``.)
+  Several hosts: after ``jax.distributed.initialize()``, call this on every host with that host's own images,
+  the same params and key, and a mesh over all devices; ``batch`` is then per host (rounded up to a multiple of
+  the host's devices) and each host gets back its own images' values. Image ``i`` of host ``p`` in batch ``k``
+  uses index ``k * batch * n_hosts + p * batch + i``, so with ``n_p <= batch`` images per host the values equal
+  one process's over the hosts' images in host order. Hosts may hold different numbers of images: before each
+  batch they agree whether any host has one left, and a host that has run out runs blank padding meanwhile.
 
   Args:
     params: autoencoder params.
@@ -88,7 +91,8 @@ def attribute_dataset(
     key: PRNG key; defaults to ``jax.random.key(0)``.
     batch: images per compiled program (per host).
     max_regions: SLIC's bound on regions per image, and the number of players.
-    mesh: devices to split each batch across; None runs on the default device.
+    mesh: devices to split each batch across (with several hosts, every host's); None runs on the default
+      device.
     progress: show a tqdm progress bar.
     baseline: as in :func:`shapjax.attribute` (``"blur"``, ``"mean"``, ``"zeros"``, a float, or one
       ``f32[H, W, C]`` array for all images).
@@ -117,7 +121,9 @@ def attribute_dataset(
   batch = int(batch)
   if mesh is not None:
     mesh = devices.check_mesh(mesh)
-    batch = -(-batch // mesh.size) * mesh.size
+    n_local = devices.local_size(mesh)  # this process's devices: all of the mesh's with one process
+    batch = -(-batch // n_local) * n_local
+  several = mesh is not None and jax.process_count() > 1
   key = attribution.default_key(key)
   segment_options = dict(segment_options or {})
   try:
@@ -125,10 +131,13 @@ def attribute_dataset(
   except TypeError:
     total = None
 
+  seen_shapes = set()
+
   def prepare(chunk):
     """Host work for one batch: check (the front door), segment, pad."""
     arrays = [np.asarray(image) for image in chunk]
-    shapes = {array.shape for array in arrays}
+    shapes = {array.shape for array in arrays} | seen_shapes  # one shape across batches too
+    seen_shapes.update(shapes)
     if len(shapes) > 1:
       raise ValueError(f"attribute_dataset needs images of one shape (the model's), got {sorted(shapes)}")
     stacked = np.stack(arrays)
@@ -139,17 +148,31 @@ def attribute_dataset(
                                         **segment_options)
     return devices.pad_rows(host, batch), devices.pad_rows(labels, batch), len(chunk)
 
+  def blank():
+    """A batch of padding only: what a host that has run out of images runs while others still have some."""
+    if template is None:  # no image at all on this host: its shape comes from the model
+      shape = params.config.image_shape
+      return np.zeros((batch, *shape), np.float32), np.zeros((batch, *shape[:2]), np.int32), 0
+    return np.zeros_like(template[0]), np.zeros_like(template[1]), 0
+
   chunks = _chunks(images, batch)
   collected, all_labels = [], []
-  options = baseline_array = None
+  options = baseline_array = template = None
   if mesh is not None:
     params, key = devices.replicate((params, key), mesh)
   bar = tqdm(total=total, unit="img", desc="attribute", disable=not progress)
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     nxt = pool.submit(lambda: next((prepare(chunk) for chunk in chunks), None))
     offset = 0
-    while (prepared := nxt.result()) is not None:
+    while True:
+      prepared = nxt.result()
+      # Several hosts run each batch's program together: go on while any of them has images left.
+      if several and devices.process_counts(int(prepared is not None)).any():
+        prepared = prepared or blank()
+      if prepared is None:
+        break
       host, labels, n_real = prepared
+      template = template or (host, labels)
       if options is None:  # the baseline and options, checked once against the first image
         first = attribution.prepare(params, host[0], labels[0], n_perm, baseline=baseline, blur_sigma=blur_sigma,
                                     max_regions=max_regions, batch_size=batch_size, estimator=estimator)
@@ -167,6 +190,8 @@ def attribute_dataset(
       bar.update(n_real)
       offset += batch
   bar.close()
+  collected = [result for result, labels in zip(collected, all_labels) if len(labels)]
+  all_labels = [labels for labels in all_labels if len(labels)]
   if not collected:
     raise ValueError("attribute_dataset got no images")
   result = jax.tree.map(lambda *xs: np.concatenate(xs), *collected)

@@ -31,6 +31,7 @@ def test_version():
   assert isinstance(shapjax.__version__, str)
 
 
+@pytest.mark.slow
 def test_import_is_lazy_and_every_name_resolves():
   # ``import shapjax`` must not pull in plotting, checkpointing or scikit-learn (cold start), and the
   # attribution path must not either; every public name then resolves on first use.

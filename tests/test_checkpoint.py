@@ -140,6 +140,7 @@ def test_relative_paths_save_load_train_and_resume(params, tmp_path, monkeypatch
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ae", "run"]
 
 
+@pytest.mark.slow
 def test_errors_name_the_path_as_given(params, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match="no checkpoint at nowhere"):

@@ -54,6 +54,7 @@ def trained(dataset, tmp_path_factory):
   return out, result
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_loss_curve(trained):
   out, result = trained
   assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == [2, 4]
@@ -64,6 +65,7 @@ def test_train_writes_checkpoints_and_loss_curve(trained):
   assert str(out) in result.stdout
 
 
+@pytest.mark.slow
 def test_train_resume_and_refusal(trained, dataset):
   out, _ = trained
   again = _run("train", dataset, "--out", out, "--steps", 4, "--image-size", 24, 40, "--features", "4,8",
@@ -76,6 +78,7 @@ def test_train_resume_and_refusal(trained, dataset):
   assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 def test_train_data_parallel_over_cpu_devices(trained, dataset, tmp_path):
   # --devices 2 in a fresh process splits the CPU into 2 devices (use_cpu_devices) and trains with a mesh: the
   # batches are those of the one-device run, so the params agree to float tolerance.
@@ -92,6 +95,7 @@ def test_train_data_parallel_over_cpu_devices(trained, dataset, tmp_path):
   assert uneven.returncode == 2 and "multiple of --devices" in uneven.stderr
 
 
+@pytest.mark.slow
 def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
   out, _ = trained
   images = sorted((dataset / "test").glob("[!g]*/*.png"))[:2]  # defective ones: not under test/good
@@ -159,6 +163,7 @@ def test_train_explain_evaluate_with_relative_paths(tmp_path):
   assert _one_line_error(missing) == "shapjax: error: no checkpoint at no_ckpt: the path does not exist"
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_as_subprocess(dataset, tmp_path):
   image = sorted((dataset / "test" / "good").glob("*.png"))[0]
   missing = _run("explain", image, "--checkpoint", tmp_path / "nowhere", "--out", tmp_path / "x")
@@ -175,6 +180,7 @@ def _main_error(argv, capsys):
   return lines[-1]
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_images(trained, dataset, tmp_path, capsys):
   out, _ = trained
   image = sorted((dataset / "test" / "good").glob("*.png"))[0]
@@ -261,6 +267,7 @@ def test_defaults_are_the_librarys():
   assert (train.features, train.latent_features) == (model_config.features, model_config.latent_features)
 
 
+@pytest.mark.slow
 def test_python_dash_m_shapjax(tmp_path):
   result = _run("--version", cwd=tmp_path)
   assert result.returncode == 0 and result.stdout.strip() == f"shapjax {shapjax.__version__}", result
@@ -285,6 +292,7 @@ def test_help_is_complete(command, capsys):
       assert option in text
 
 
+@pytest.mark.slow
 def test_usage_error_as_subprocess():
   result = _run("train")
   assert result.returncode == 2 and "usage:" in result.stderr

@@ -135,6 +135,7 @@ def test_bad_names_and_settings():
     evaluation.MapSettings(regions=(1,))
 
 
+@pytest.mark.slow
 def test_cli_evaluate_as_subprocess(dataset, params, tmp_path):
   checkpoint = shapjax.save(params, tmp_path / "checkpoint")
   out = tmp_path / "results" / "out.json"

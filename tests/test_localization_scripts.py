@@ -9,6 +9,8 @@ import pytest
 
 import shapjax
 
+pytestmark = pytest.mark.slow  # the analysis scripts end to end
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import additivity, map_variants  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -174,6 +174,7 @@ def test_dataset_errors(params, images):
     shapjax.attribute_dataset(params, images, 2, batch=0, progress=False, max_regions=4)
 
 
+@pytest.mark.slow
 def test_use_cpu_devices_in_a_fresh_process_gives_one_device_per_core_with_single_threaded_eigen(tmp_path):
   import os
   import subprocess

@@ -4,8 +4,11 @@ import os
 import pathlib
 import sys
 
-import nbformat
-from nbclient import NotebookClient
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the test extra")
+NotebookClient = pytest.importorskip("nbclient", reason="the notebook test needs the test extra").NotebookClient
+pytestmark = pytest.mark.slow
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOK = EXAMPLES / "colab_tpu.ipynb"

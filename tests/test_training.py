@@ -160,8 +160,8 @@ def test_data_parallel_step_keeps_image_by_image_gradients_local(images, monkeyp
   # With every layer's kernel gradient summed image by image (a lax.scan over the batch), the scan must run on
   # each device's own images: left to XLA's partitioner, the activations were all-gathered and the scan ran
   # whole on every device.
-  from shapjax import devices, model, training
-  monkeypatch.setattr(model, "_PER_IMAGE_MIN_PIXELS", 1)
+  from shapjax import devices, speedups, training
+  monkeypatch.setattr(speedups, "_PER_IMAGE_MIN_PIXELS", 1)
   mesh = shapjax.make_mesh()
   config = shapjax.TrainConfig.tiny(SHAPE, steps=1).with_model(SHAPE)
   step = jax.jit(functools.partial(training._train_step, model_config=config.model, batch_size=config.batch_size,
