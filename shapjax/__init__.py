@@ -22,6 +22,7 @@ _EXPORTS = {
     "read_image": "data",
     "DatasetAttribution": "streaming",
     "attribute_dataset": "streaming",
+    "initialize_processes": "devices",
     "make_mesh": "devices",
     "use_cpu_devices": "devices",
     "evaluate": "evaluation",
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.checkpoint import load, save
   from shapjax.compilation import enable_compilation_cache
   from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
-  from shapjax.devices import make_mesh, use_cpu_devices
+  from shapjax.devices import initialize_processes, make_mesh, use_cpu_devices
   from shapjax.evaluation import evaluate
   from shapjax.masking import heatmap, make_baseline, masked_value_fn
   from shapjax.metrics import aupro, image_auroc, pixel_auroc

@@ -54,6 +54,7 @@ def _value(params, image, labels, coalition, baseline="blur"):
   return float(value_fn(jnp.asarray(coalition)[None])[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_efficiency_and_padding(which, random_params, trained_params, texture_crops):
   params = random_params if which == "random" else trained_params
@@ -69,6 +70,7 @@ def test_efficiency_and_padding(which, random_params, trained_params, texture_cr
   assert int(result.n_evals) == 6 * (n_regions - 1) + 2
 
 
+@pytest.mark.slow
 def test_matches_exact_values_on_few_regions(trained_params, texture_crops):
   image = texture_crops[1]
   labels = stripes_labels(SIZE, SIZE, 5)
@@ -81,6 +83,7 @@ def test_matches_exact_values_on_few_regions(trained_params, texture_crops):
   assert np.all(np.abs(np.asarray(result.values) - np.asarray(exact.values)) < 4 * np.asarray(result.stderr) + 1e-7)
 
 
+@pytest.mark.slow
 def test_painted_defect_gets_the_largest_value(trained_params, texture_crops):
   image = texture_crops[2].copy()
   image[10:18, 12:20] = 1.0  # a bright blob the autoencoder never saw
@@ -93,6 +96,7 @@ def test_painted_defect_gets_the_largest_value(trained_params, texture_crops):
   assert overlap > 0.5, (overlap, np.asarray(result.values))
 
 
+@pytest.mark.slow
 def test_same_key_same_values_whatever_the_batch_size(random_params, texture_crops):
   image = texture_crops[3]
   labels = shapjax.segment(image, max_regions=12)

@@ -111,6 +111,7 @@ def test_weights_that_do_not_match_the_config(params, tmp_path):
     shapjax.load(path)
 
 
+@pytest.mark.slow
 def test_load_training_folder_takes_latest_step(tmp_path):
   images = np.random.default_rng(0).random((8, *SHAPE), dtype=np.float32)
   config = shapjax.TrainConfig.tiny(SHAPE, steps=4, checkpoint_every=2, keep_checkpoints=2)

@@ -30,6 +30,7 @@ MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x
         "shapley_area:constant")
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_and_cache(dataset, params, tmp_path):
   options = dict(maps=MAPS, n_perm=2, regions=6, cache_dir=tmp_path / "cache", progress=False)
   first = shapjax.evaluate(params, dataset, figures_dir=tmp_path / "figures", **options)

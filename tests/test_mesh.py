@@ -92,6 +92,7 @@ def test_images_program_needs_no_communication(params, images, labels, mesh):
 
 @pytest.mark.parametrize("estimator, n_perm", [("antithetic", 8), ("permutation", 4), ("stratified", 64),
                                                ("kernel", 4)])
+@pytest.mark.slow
 def test_permutations_across_devices_equal_one_device(params, images, labels, mesh, estimator, n_perm):
   key = jax.random.key(5)
   single = shapjax.attribute(params, images[0], labels[0], n_perm, key=key, estimator=estimator, **OPTIONS)
@@ -135,6 +136,7 @@ def test_dataset_equals_attribute_batch_with_one_program_for_all_batches(params,
   np.testing.assert_allclose(out.result.n_evals, np.asarray(one_device.n_evals)[:6])
 
 
+@pytest.mark.slow
 def test_dataset_segments_the_next_batch_while_the_devices_work(params, images, monkeypatch, capsys):
   events = []
   lock = threading.Lock()

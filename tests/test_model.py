@@ -74,6 +74,7 @@ def test_conv_bottleneck_is_local_and_dense_bottleneck_is_global():
   assert _far_corner_change(dense) > 1e-6
 
 
+@pytest.mark.slow
 def test_dense_bottleneck_weights_follow_the_image_shape_and_survive_a_checkpoint(tmp_path):
   config = shapjax.AutoencoderConfig(image_shape=(32, 48, 1), features=(8, 16), latent_features=8,
                                      bottleneck="dense")
@@ -110,6 +111,7 @@ def _random_params(shape, features=(8, 16)):
       tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xla_defaults", ["0", "1"])
 @pytest.mark.parametrize("shape", [(32, 32, 3), (20, 28, 1), (19, 13, 3)])
 def test_reconstruction_equals_plain_convolutions(shape, xla_defaults, monkeypatch):
@@ -127,6 +129,7 @@ def test_reconstruction_equals_plain_convolutions(shape, xla_defaults, monkeypat
                              jnp.mean(jnp.square(expected - images), axis=-1), atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_image_from", [32 * 32, 1])
 def test_gradients_equal_xla_convolution_gradients(per_image_from, monkeypatch):
   # On CPU the convolutions compute their kernel gradients by matrix products per tap (for 8 or more input

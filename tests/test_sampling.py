@@ -118,6 +118,7 @@ def test_stratified_groups_put_every_player_in_every_position(key):
 
 # 200 repeats on fixed keys, 6 players: 1200 intervals, binomial sd about 0.006 at 95% coverage. Each run has
 # few independent samples on purpose (8 stratified groups): the Student-t correction must hold up there.
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("name", ["third-order", "random"])
 def test_standard_errors_are_calibrated(estimator, name):
@@ -165,6 +166,7 @@ def test_same_key_same_result_whatever_the_batch_size(key, estimator):
     assert int(other.n_evals) == int(results[0].n_evals)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["stratified", "kernel"])
 def test_tolerance_blocks_equal_one_fixed_run(key, estimator):
   block = 16
@@ -178,6 +180,7 @@ def test_tolerance_blocks_equal_one_fixed_run(key, estimator):
   assert bool(fixed.converged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["stratified", "kernel"])
 def test_tolerance_is_met_when_reachable(key, estimator):
   tol, budget = 0.1, 100_000
@@ -258,6 +261,7 @@ def test_symmetric_players_and_null_players(key):
   np.testing.assert_allclose(result.values[1], result.values[2], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_error_shrinks_with_more_permutations(key):
   value_fn, expected = THIRD_ORDER
   errors = []

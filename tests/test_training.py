@@ -46,6 +46,7 @@ def _max_difference(a, b):
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights)))
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(images, tmp_path):
   n = 6
   config = shapjax.TrainConfig.tiny(SHAPE, steps=2 * n, checkpoint_every=n, keep_checkpoints=3)
@@ -131,6 +132,7 @@ def test_augment_flips_and_shifts_each_image(key):
     assert any(np.array_equal(padded[i, dy:dy + 8, dx:dx + 8], shifted[i]) for dy in range(5) for dx in range(5))
 
 
+@pytest.mark.slow
 def test_data_parallel_on_a_mesh_equals_one_device(images, tmp_path):
   # conftest.py fakes 4 CPU devices: each takes 2 of the 8 images of every batch, gradients summed across them.
   mesh = shapjax.make_mesh()
@@ -156,6 +158,7 @@ def test_data_parallel_on_a_mesh_equals_one_device(images, tmp_path):
   assert f"f32[{config.batch_size // 4},32,32,1]" in hlo  # the per-device share of the batch
 
 
+@pytest.mark.slow
 def test_data_parallel_step_keeps_image_by_image_gradients_local(images, monkeypatch):
   # With every layer's kernel gradient summed image by image (a lax.scan over the batch), the scan must run on
   # each device's own images: left to XLA's partitioner, the activations were all-gathered and the scan ran
