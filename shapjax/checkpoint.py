@@ -3,7 +3,8 @@
 A checkpoint is a folder of orbax items:
 
     weights/       the linen params (orbax StandardSave)
-    config/        JSON: {"format": "shapjax.autoencoder", "version": 1, "model": AutoencoderConfig.to_dict()}
+    config/        JSON: {"format": "shapjax.autoencoder", "version": 1 or 2, "kind": "autoencoder" | "inpainting",
+                   "model": the config's to_dict()}
     train_state/   (training checkpoints only) optax state and step
     train_meta/    (training checkpoints only) JSON: training config, PRNG key data, loss history
 
@@ -39,8 +40,12 @@ import orbax.checkpoint as ocp
 
 from shapjax import model
 
-FORMAT = "shapjax.autoencoder"
-FORMAT_VERSION = 1
+FORMAT = "shapjax.autoencoder"  # every shapjax checkpoint says so, whatever model it holds (see "kind")
+FORMAT_VERSION = 2
+# Version 2 added the model kind; records without one (version 1) are autoencoders. Autoencoder checkpoints are
+# still written as version 1, which earlier shapjax reads; an inpainter's says 2, which earlier shapjax refuses
+# as "written by a newer shapjax" instead of misreading it as an autoencoder.
+_KIND_VERSIONS = {"autoencoder": 1, "inpainting": 2}
 
 _WEIGHTS = "weights"
 _CONFIG = "config"
@@ -51,24 +56,28 @@ _TRAIN_META = "train_meta"
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def _config_record(config: model.AutoencoderConfig) -> dict:
-  return {"format": FORMAT, "version": FORMAT_VERSION, "model": config.to_dict()}
+def _config_record(config: model.ModelConfig) -> dict:
+  kind = model.model_kind(config)
+  return {"format": FORMAT, "version": _KIND_VERSIONS[kind], "kind": kind, "model": config.to_dict()}
 
 
-def _config_from_record(record, path: Path) -> model.AutoencoderConfig:
+def _config_from_record(record, path: Path) -> model.ModelConfig:
   if not isinstance(record, dict) or record.get("format") != FORMAT:
     raise ValueError(f"{path} is not a shapjax checkpoint (its config item has no format {FORMAT!r})")
   if int(record.get("version", -1)) > FORMAT_VERSION:
     raise ValueError(f"{path} was written by a newer shapjax (checkpoint format version {record['version']})")
+  kind = record.get("kind", "autoencoder")
+  if kind not in model.MODEL_KINDS:
+    raise ValueError(f"{path} holds a model of unknown kind {kind!r} (this shapjax knows {model.MODEL_KINDS})")
   try:
-    return model.AutoencoderConfig.from_dict(record["model"])
+    return model.config_from_dict(record["model"], kind=kind)
   except (KeyError, TypeError, ValueError) as error:
     raise ValueError(f"{path} has an invalid model config: {error}") from None
 
 
-def abstract_weights(config: model.AutoencoderConfig):
+def abstract_weights(config: model.ModelConfig):
   """The shapes and dtypes of the weights of ``config`` (``jax.ShapeDtypeStruct`` leaves, nothing allocated)."""
-  return jax.eval_shape(lambda: model.init_autoencoder(config=config, key=jax.random.key(0)).weights)
+  return jax.eval_shape(lambda: model.init_params(config, key=jax.random.key(0)).weights)
 
 
 def _short(error: BaseException) -> str:
@@ -162,14 +171,15 @@ def _shapes(tree) -> list[tuple[tuple[int, ...], np.dtype]]:
   return [(tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
 
 
-def read_config(path: str | os.PathLike) -> model.AutoencoderConfig:
-  """The model configuration stored in a checkpoint, without reading the weights."""
+def read_config(path: str | os.PathLike) -> model.ModelConfig:
+  """The model configuration stored in a checkpoint (an AutoencoderConfig or an InpainterConfig, by the kind the
+  checkpoint records), without reading the weights."""
   folder = resolve(path)
   record = _restore(folder, **{_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
   return _config_from_record(record, folder)
 
 
-def _restore_weights(folder: Path, config: model.AutoencoderConfig):
+def _restore_weights(folder: Path, config: model.ModelConfig):
   target = abstract_weights(config)
   # Compare shapes before reading: a failed read leaves orbax's pending reads behind (and a confusing error).
   if _stored_shapes(folder, _WEIGHTS) != _shapes(target):
@@ -184,8 +194,12 @@ def _check_like(tree, target, path: Path, what: str) -> None:
     raise ValueError(f"checkpoint {path}: the stored {what} do not match the stored model config")
 
 
-def load(path: str | os.PathLike) -> model.AutoencoderParams:
-  """Loads autoencoder params written by :func:`save` or by :func:`shapjax.train`.
+def load(path: str | os.PathLike) -> model.ModelParams:
+  """Loads model params written by :func:`save` or by :func:`shapjax.train`.
+
+  The checkpoint records the kind of model: an autoencoder's comes back as :class:`shapjax.AutoencoderParams`,
+  an inpainter's as :class:`shapjax.InpainterParams` (checkpoints written before inpainters existed hold
+  autoencoders).
 
   The weights land on the default device, whatever devices (or mesh) the checkpoint was written from.
 
@@ -194,7 +208,7 @@ def load(path: str | os.PathLike) -> model.AutoencoderParams:
       relative to the working directory or absolute.
 
   Returns:
-    :class:`shapjax.AutoencoderParams` ready for :func:`shapjax.attribute`.
+    :class:`shapjax.AutoencoderParams` (ready for :func:`shapjax.attribute`) or :class:`shapjax.InpainterParams`.
 
   Raises:
     FileNotFoundError: when ``path`` does not exist.
@@ -209,18 +223,25 @@ def load(path: str | os.PathLike) -> model.AutoencoderParams:
   """
   folder = resolve(path)
   config = read_config(folder)
-  return model.AutoencoderParams(weights=_restore_weights(folder, config), config=config)
+  return model.make_params(config, _restore_weights(folder, config))
 
 
-def save(params: model.AutoencoderParams, path: str | os.PathLike) -> Path:
-  """Saves autoencoder params (weights and model configuration) to a folder.
+def _check_params(params) -> None:
+  if not isinstance(params, model.ModelParams):
+    raise TypeError(f"params must be AutoencoderParams or InpainterParams (from init_autoencoder, init_inpainter, "
+                    f"train or load), got {type(params).__name__}")
+
+
+def save(params: model.ModelParams, path: str | os.PathLike) -> Path:
+  """Saves model params (weights and model configuration, with the kind of model) to a folder.
 
   The checkpoint is written to a temporary sibling folder and moved into place only once complete, so a
   failed save never destroys an existing checkpoint at ``path``. An existing folder is replaced only if it is
   a shapjax checkpoint.
 
   Args:
-    params: :class:`shapjax.AutoencoderParams` (on any devices: host copies of the weights are saved).
+    params: :class:`shapjax.AutoencoderParams` or :class:`shapjax.InpainterParams` (on any devices: host copies
+      of the weights are saved).
     path: folder to write, relative to the working directory or absolute.
 
   Returns:
@@ -229,7 +250,7 @@ def save(params: model.AutoencoderParams, path: str | os.PathLike) -> Path:
   Raises:
     ValueError: when ``path`` exists and is not a shapjax checkpoint.
   """
-  model.check_params(params)
+  _check_params(params)
   given = Path(path)
   path = _absolute(given)
   if path.exists() and not (path.is_dir() and _is_item_folder(path)):
@@ -317,7 +338,7 @@ class TrainingCheckpoints:
     steps = _steps(self.directory) if self.directory.is_dir() else []
     return steps[-1] if steps else None
 
-  def save(self, step: int, params: model.AutoencoderParams, opt_state, meta: dict) -> None:
+  def save(self, step: int, params: model.ModelParams, opt_state, meta: dict) -> None:
     """Saves the state after ``step`` optimizer steps (replacing a checkpoint of the same step).
 
     Weights and optimizer state may live on any devices (replicated on a mesh, say): host copies are saved.
@@ -332,7 +353,7 @@ class TrainingCheckpoints:
     }), force=True)
     self._manager.wait_until_finished()
 
-  def restore(self, step: int, config: model.AutoencoderConfig, abstract_opt_state):
+  def restore(self, step: int, config: model.ModelConfig, abstract_opt_state):
     """Restores ``(params, opt_state, meta)`` of ``step``; the stored model config must equal ``config``.
 
     Everything lands on the default device; a run on a mesh replicates it there.
@@ -355,8 +376,7 @@ class TrainingCheckpoints:
     opt_state = jax.tree.unflatten(jax.tree.structure(abstract_opt_state), leaves)
     if int(state["step"]) != int(step):
       raise ValueError(f"checkpoint {folder} says step {int(state['step'])}, its folder says {step}")
-    params = model.AutoencoderParams(weights=weights, config=config)
-    return params, opt_state, restored[_TRAIN_META]
+    return model.make_params(config, weights), opt_state, restored[_TRAIN_META]
 
   def close(self) -> None:
     """Waits for orbax's background work and releases the manager."""

@@ -1,6 +1,7 @@
 """The ``shapjax`` command: argument parsing only; every command is a library call.
 
-    shapjax train DATA_DIR --out CKPT_DIR [--steps N] [--image-size H [W]] [--seed K] [--resume] [--devices N]
+    shapjax train DATA_DIR --out CKPT_DIR [--model autoencoder|inpainting] [--steps N] [--image-size H [W]]
+        [--seed K] [--resume] [--devices N]
     shapjax explain IMAGE... --checkpoint CKPT_DIR [--n-perm N] [--regions R] --out OUT_DIR
     shapjax demo [--out DIR] [--quick]
     shapjax evaluate DATA_DIR --checkpoint CKPT_DIR [--maps M,...] [--n-perm N] [--regions R] [--limit K] --json OUT.json
@@ -102,6 +103,15 @@ class _HeightWidth(argparse.Action):
     setattr(namespace, self.dest, (values[0], values[-1]))
 
 
+class _StoreGiven(argparse.Action):
+  """Stores the value like ``store`` and notes that the option was given (``args.<dest>_given``), for options
+  whose default depends on another one (``--features`` of ``--model inpainting``)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, values)
+    setattr(namespace, f"{self.dest}_given", True)
+
+
 class _HelpFormatter(argparse.HelpFormatter):
   """argparse's formatter, except that ``--image-size`` reads ``H [W]`` (argparse would write ``H [W ...]``)."""
 
@@ -131,14 +141,16 @@ def _check_sampling(n_perm: int, max_regions: int) -> None:
 # --- train ------------------------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
-  from shapjax import model, training  # pylint: disable=g-import-not-at-top
+  from shapjax import inpainting, model, training  # pylint: disable=g-import-not-at-top
 
   defaults = training.TrainConfig()
   parser = _add_parser(
-      subparsers, "train", _run_train, help="train an autoencoder on DATA_DIR/train/good",
-      description="Train the convolutional autoencoder on the defect-free images of an MVTec-layout dataset "
-      "(DATA_DIR/train/good). Saves orbax checkpoints in CKPT_DIR every --checkpoint-every steps and at the end, "
-      "and a loss curve CKPT_DIR/loss.png. Interrupted? Run the same command with --resume.")
+      subparsers, "train", _run_train, help="train an autoencoder (or an inpainter) on DATA_DIR/train/good",
+      description="Train the convolutional autoencoder (or, with --model inpainting, a U-Net that fills random "
+      "holes) on the defect-free images of an MVTec-layout dataset (DATA_DIR/train/good). Saves orbax checkpoints "
+      "in CKPT_DIR every --checkpoint-every steps and at the end, and a loss curve CKPT_DIR/loss.png. "
+      "Interrupted? Run the same command with --resume.")
+  parser.set_defaults(features_given=False, latent_features_given=False, context_given=False)
   parser.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder in the MVTec AD layout")
   parser.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint folder (created)")
   parser.add_argument("--steps", type=_positive_int, default=defaults.steps, metavar="N",
@@ -153,12 +165,21 @@ def _add_train(subparsers) -> None:
                       help=f"images per step (default {defaults.batch_size})")
   parser.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate, metavar="LR",
                       help=f"peak Adam learning rate (default {defaults.learning_rate:g}; warm-up then cosine decay)")
+  parser.add_argument("--model", choices=model.MODEL_KINDS, default="autoencoder",
+                      help="autoencoder: reconstruct each image (default); inpainting: fill random square cells and "
+                      "blobs of each image from the rest (shapjax.InpainterConfig)")
   features = _field_default(model.AutoencoderConfig, "features")
+  inpainter_features = _field_default(inpainting.InpainterConfig, "features")
   latent = _field_default(model.AutoencoderConfig, "latent_features")
-  parser.add_argument("--features", type=_features, default=features, metavar="C1,C2,...",
-                      help=f"encoder channels per stride-2 layer (default {_joined(features)})")
-  parser.add_argument("--latent-features", type=_positive_int, default=latent, metavar="C",
-                      help=f"bottleneck channels (default {latent})")
+  context = _field_default(inpainting.InpainterConfig, "context")
+  parser.add_argument("--features", type=_features, default=features, metavar="C1,C2,...", action=_StoreGiven,
+                      help=f"encoder channels per stride-2 layer (default {_joined(features)}; with --model "
+                      f"inpainting {_joined(inpainter_features)})")
+  parser.add_argument("--latent-features", type=_positive_int, default=latent, metavar="C", action=_StoreGiven,
+                      help=f"bottleneck channels of the autoencoder (default {latent})")
+  parser.add_argument("--context", choices=inpainting.CONTEXTS, default=context, action=_StoreGiven,
+                      help=f"--model inpainting only: 'lowres' also shows the model a pooled copy of the whole "
+                      f"image (default {context})")
   parser.add_argument("--no-flips", dest="flips", action="store_false", default=defaults.flips,
                       help="do not flip training images at random")
   parser.add_argument("--max-shift", type=int, default=defaults.max_shift, metavar="P",
@@ -218,11 +239,19 @@ def _run_train(args) -> int:
   if args.batch_size % (args.devices * args.num_processes):
     raise _UsageError(f"--batch-size ({args.batch_size}) must be a multiple of --devices times --num-processes "
                       f"({args.devices * args.num_processes})")
+  if args.model == "inpainting" and args.latent_features_given:
+    raise _UsageError("--latent-features is an option of the autoencoder, not of --model inpainting")
+  if args.model == "autoencoder" and args.context_given:
+    raise _UsageError("--context is an option of --model inpainting")
   mesh = _train_mesh(args.devices)  # before any JAX computation: it may split the CPU into devices
   print(f"reading {Path(args.data_dir) / 'train' / 'good'} ...", file=sys.stderr, flush=True)
   split = shapjax.load_mvtec(args.data_dir, split="train", image_size=args.image_size)
-  model_config = shapjax.AutoencoderConfig(image_shape=split.images.shape[1:], features=args.features,
-                                           latent_features=args.latent_features)
+  if args.model == "inpainting":
+    options = {"features": args.features} if args.features_given else {}
+    model_config = shapjax.InpainterConfig(image_shape=split.images.shape[1:], context=args.context, **options)
+  else:
+    model_config = shapjax.AutoencoderConfig(image_shape=split.images.shape[1:], features=args.features,
+                                             latent_features=args.latent_features)
   warmup = _field_default(shapjax.TrainConfig, "warmup_steps")
   config = shapjax.TrainConfig(
       model=model_config, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -284,8 +313,9 @@ def _run_explain(args) -> int:
                                   top_k=args.top, compactness=args.compactness, progress=not args.quiet)
   for record in records:
     top = record["regions"][record["regions_by_value"][0]]
-    print(f"{record['image']}: top region {top['id']} value {top['value']:+.3e} ± {top['stderr']:.1e} "
-          f"-> {record['figure']}")
+    additivity = "-" if record["additivity"] is None else f"{record['additivity']:.4f}"
+    print(f"{record['image']}: top region {top['id']} value {top['value']:+.3e} ± {top['stderr']:.1e}, "
+          f"additivity {additivity} -> {record['figure']}")
   print(f"wrote {len(records)} figures and JSON files to {args.out}"
         + (f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""))
   return 0

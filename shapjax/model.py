@@ -11,6 +11,10 @@ shuffle); on CPU, XLA's transposed convolution ran at a third of the FLOP rate o
 
 The convolutions are ``nn.Conv``; on CPU :mod:`shapjax.speedups` computes their kernel gradients and the output
 layer differently (same values, same parameters).
+
+The last section dispatches on the model kind (the autoencoder here, the inpainter of :mod:`shapjax.inpainting`)
+for the trainer and the checkpoints: :func:`model_kind`, :func:`init_params`, :func:`make_params`,
+:func:`config_from_dict`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from shapjax import speedups
+from shapjax import inpainting, speedups
 
 _BOTTLENECKS = ("conv", "dense")
 
@@ -228,3 +232,43 @@ def residual_map(params: AutoencoderParams, images: ArrayLike) -> jax.Array:
   """Per-pixel squared reconstruction error, averaged over channels: ``f32[N, H, W]``."""
   images = jnp.asarray(images, jnp.float32)
   return jnp.mean(jnp.square(reconstruct(params, images) - images), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model kinds: what the trainer and the checkpoints need to handle either model.
+
+ModelConfig = AutoencoderConfig | inpainting.InpainterConfig
+ModelParams = AutoencoderParams | inpainting.InpainterParams
+
+# kind -> (config class, params class, initialiser); the kind is what checkpoints record.
+_KINDS = {
+    "autoencoder": (AutoencoderConfig, AutoencoderParams, init_autoencoder),
+    "inpainting": (inpainting.InpainterConfig, inpainting.InpainterParams, inpainting.init_inpainter),
+}
+MODEL_KINDS = tuple(_KINDS)
+
+
+def model_kind(config: ModelConfig) -> str:
+  """``"autoencoder"`` or ``"inpainting"``: the kind of model ``config`` (or a params' config) describes."""
+  config = getattr(config, "config", config)  # params -> their config
+  for kind, (config_class, _, _) in _KINDS.items():
+    if isinstance(config, config_class):
+      return kind
+  raise TypeError(f"expected an AutoencoderConfig or InpainterConfig (or their params), got {type(config).__name__}")
+
+
+def config_from_dict(data: dict, *, kind: str = "autoencoder") -> ModelConfig:
+  """The model config of ``kind`` from its ``to_dict()``; records without a kind are autoencoders."""
+  if kind not in _KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+  return _KINDS[kind][0].from_dict(data)
+
+
+def make_params(config: ModelConfig, weights) -> ModelParams:
+  """``weights`` wrapped in the params type of ``config``'s kind."""
+  return _KINDS[model_kind(config)][1](weights=weights, config=config)
+
+
+def init_params(config: ModelConfig, *, key: jax.Array) -> ModelParams:
+  """Random params of either kind: :func:`init_autoencoder` or :func:`shapjax.init_inpainter` of ``config``."""
+  return _KINDS[model_kind(config)][2](config=config, key=key)

@@ -1,4 +1,8 @@
-"""Training the autoencoder on defect-free images: optax Adam with a warm-up + cosine schedule.
+"""Training a model on defect-free images: optax Adam with a warm-up + cosine schedule.
+
+The model is the autoencoder (an :class:`shapjax.AutoencoderConfig`: reconstruct each image) or the inpainter
+(an :class:`shapjax.InpainterConfig`: fill random holes of each image, drawn per step). The loop is the same;
+only the batch and the loss differ (:func:`_training_batch`, :func:`_loss_and_grads`).
 
 One linear loop. The training step is a plain ``jit``-compiled function of pytrees ``(weights, opt_state,
 images, key, step)``; the whole image set lives on the device and each step draws its batch (and its flips
@@ -21,18 +25,18 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from shapjax import checkpoint, devices, model, pixels
+from shapjax import checkpoint, devices, inpainting, model, pixels
 
 _SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """How to train the autoencoder (frozen and hashable).
+  """How to train a model (frozen and hashable).
 
   Attributes:
-    model: the :class:`shapjax.AutoencoderConfig`; ``None`` builds the default architecture for the images'
-      shape.
+    model: the :class:`shapjax.AutoencoderConfig` (train an autoencoder) or :class:`shapjax.InpainterConfig`
+      (train an inpainter); ``None`` builds the default autoencoder for the images' shape.
     steps: optimizer steps in total.
     batch_size: images per step, drawn with replacement.
     learning_rate: peak Adam learning rate.
@@ -46,7 +50,7 @@ class TrainConfig:
     seed: seed of the default PRNG key, used when :func:`train` gets no ``key``.
   """
 
-  model: model.AutoencoderConfig | None = None
+  model: model.ModelConfig | None = None
   steps: int = 1000
   batch_size: int = 32
   learning_rate: float = 2e-3
@@ -86,16 +90,20 @@ class TrainConfig:
     return dataclasses.replace(self, model=model.AutoencoderConfig(image_shape=tuple(image_shape)))
 
   def to_dict(self) -> dict:
-    """A JSON-ready dict (``from_dict`` inverts it)."""
+    """A JSON-ready dict (``from_dict`` inverts it); ``model_kind`` says which model ``model`` describes."""
     data = dataclasses.asdict(self)
     data["model"] = None if self.model is None else self.model.to_dict()
+    if self.model is not None:
+      data["model_kind"] = model.model_kind(self.model)
     return data
 
   @classmethod
   def from_dict(cls, data: dict) -> "TrainConfig":
+    """The inverse of :meth:`to_dict`; a dict without ``model_kind`` describes an autoencoder."""
     data = dict(data)
+    kind = data.pop("model_kind", "autoencoder")
     if data.get("model") is not None:
-      data["model"] = model.AutoencoderConfig.from_dict(data["model"])
+      data["model"] = model.config_from_dict(data["model"], kind=kind)
     return cls(**data)
 
 
@@ -154,15 +162,39 @@ def augment(images: jax.Array, key: jax.Array, *, flips: bool, max_shift: int) -
   return images
 
 
-def _loss_and_grads(model_config: model.AutoencoderConfig, mesh=None):
-  """``(weights, f32[B, H, W, C]) -> (mean reconstruction loss, its gradient)``, traceable.
+# Step t's holes come from this fold of its key (batch and augmentation split it as before inpainters existed,
+# so an autoencoder run draws the same batches as it always did).
+_MASK_STREAM = 1
+
+
+def _training_batch(model_config: model.ModelConfig, images: jax.Array, step_key: jax.Array):
+  """What the loss takes: the (augmented) images for the autoencoder; ``(images, bool[B, H, W] visible)`` for
+  the inpainter, its holes drawn from ``fold_in(step_key, 1)``."""
+  if model.model_kind(model_config) != "inpainting":
+    return images
+  mask_key = jax.random.fold_in(step_key, _MASK_STREAM)
+  return images, inpainting.random_visible_masks(model_config, images.shape[0], key=mask_key)
+
+
+def _loss_and_grads(model_config: model.ModelConfig, mesh=None):
+  """``(weights, batch) -> (mean loss, its gradient)``, traceable.
+
+  The autoencoder's batch is ``f32[B, H, W, C]`` and its loss :func:`shapjax.reconstruction_loss`; the
+  inpainter's is ``(f32[B, H, W, C], bool[B, H, W])`` and its loss :func:`shapjax.inpainting_loss`. Both are
+  means over the batch of per-image losses.
 
   With a ``mesh``, data parallel: each device differentiates its own share of the batch and the results are
   averaged across devices (:func:`shapjax.devices.batch_mean`).
   """
+  if model.model_kind(model_config) == "inpainting":
+    def batch_loss(params, batch):
+      return inpainting.inpainting_loss(params, *batch)
+  else:
+    batch_loss = model.reconstruction_loss
+
   def loss_and_grads(weights, batch):
     def loss_fn(w):
-      return jnp.mean(model.reconstruction_loss(model.AutoencoderParams(weights=w, config=model_config), batch))
+      return jnp.mean(batch_loss(model.make_params(model_config, w), batch))
     return jax.value_and_grad(loss_fn)(weights)
 
   if mesh is None:
@@ -177,9 +209,11 @@ def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_c
   With a ``mesh`` the batch is split across its devices (data parallel: each device computes the loss and
   gradients of its share, averaged across devices); the weights and the images are replicated.
   """
-  batch_key, augment_key = jax.random.split(jax.random.fold_in(key, step))
+  step_key = jax.random.fold_in(key, step)
+  batch_key, augment_key = jax.random.split(step_key)
   index = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
   batch = augment(images[index], augment_key, flips=flips, max_shift=max_shift)
+  batch = _training_batch(model_config, batch, step_key)
 
   loss, grads = _loss_and_grads(model_config, mesh)(weights, batch)
   updates, opt_state = _optimizer().update(grads, opt_state, weights)
@@ -188,7 +222,7 @@ def _train_step(weights, opt_state, images, key, step, learning_rate, *, model_c
 
 
 @functools.lru_cache(maxsize=8)
-def _step_function(model_config: model.AutoencoderConfig, batch_size: int, flips: bool, max_shift: int,
+def _step_function(model_config: model.ModelConfig, batch_size: int, flips: bool, max_shift: int,
                    mesh=None):
   """The jitted step, cached: repeated, resumed and re-scheduled runs compile it once per image shape."""
   return jax.jit(functools.partial(_train_step, model_config=model_config, batch_size=batch_size, flips=flips,
@@ -217,11 +251,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
-) -> model.AutoencoderParams:
-  """Trains an autoencoder to reconstruct defect-free images.
+) -> model.ModelParams:
+  """Trains an autoencoder to reconstruct defect-free images, or an inpainter to fill holes in them.
 
-  Minimises the mean squared reconstruction error with Adam and :func:`learning_rates`. Step ``t`` draws its
-  batch and augmentation from ``fold_in(key, t)``, so the same ``config``, ``images`` and ``key`` give the
+  ``config.model`` chooses: an :class:`shapjax.AutoencoderConfig` (or ``None``) trains an autoencoder on the
+  mean squared reconstruction error, an :class:`shapjax.InpainterConfig` an inpainter on the squared error of
+  the hidden pixels (:func:`shapjax.inpainting_loss`), with holes from :func:`shapjax.random_visible_masks`.
+  Adam with :func:`learning_rates`. Step ``t`` draws its batch, augmentation and holes from ``fold_in(key, t)``,
+  so the same ``config``, ``images`` and ``key`` give the
   same params, and ``resume=True`` after an interruption gives the params of an uninterrupted run.
 
   With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and at the end (the last
@@ -244,7 +281,8 @@ def train(
       ``images``, ``key`` and ``config`` (checked) and gets the same params, equal to one process's.
 
   Returns:
-    :class:`shapjax.AutoencoderParams` after ``config.steps`` steps, on the default device.
+    :class:`shapjax.AutoencoderParams` (or :class:`shapjax.InpainterParams`) after ``config.steps`` steps, on the
+    default device.
 
   Raises:
     ValueError: for images that do not fit the model, a ``checkpoint_dir`` that already holds checkpoints
@@ -286,7 +324,7 @@ def train(
                          "PRNG key (seed); pass the same key to resume")
       start, losses = latest, list(meta.get("losses", []))[:latest]
   if params is None:
-    params = model.init_autoencoder(config=config.model, key=init_key)
+    params = model.init_params(config.model, key=init_key)
     opt_state = _optimizer().init(params.weights)
 
   step_fn = _step_function(config.model, config.batch_size, config.flips, config.max_shift, mesh)
@@ -300,7 +338,7 @@ def train(
   def save(step):
     meta = {"train_config": config.to_dict(), "key": _key_record(key), "losses": losses[:step],
             "n_images": int(images.shape[0])}
-    manager.save(step, model.AutoencoderParams(weights=weights, config=config.model), opt_state, meta)
+    manager.save(step, model.make_params(config.model, weights), opt_state, meta)
 
   bar = _progress_bar(config.steps, start, enabled=progress)
   pending = []  # losses still on the device: reading each one at once would stall the pipeline
@@ -336,7 +374,7 @@ def train(
                           "this session)")
   if mesh is not None:  # replicated on the mesh -> this process's first device, like a one-device run's params
     weights = devices.local_copy(weights)
-  return model.AutoencoderParams(weights=weights, config=config.model)
+  return model.make_params(config.model, weights)
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):

@@ -236,3 +236,19 @@ def test_one_device_checkpoint_resumes_on_a_mesh(tmp_path):
   resumed = _npz_tree(tmp_path / "resumed.npz", whole.weights)
   chex.assert_trees_all_close(resumed, whole.weights, atol=1e-5, rtol=0)
   chex.assert_trees_all_equal(shapjax.load(tmp_path / "run").weights, resumed)
+
+
+# --- model kinds -----------------------------------------------------------------------------------------------
+
+def test_the_record_names_the_kind_and_old_records_are_autoencoders(params, tmp_path):
+  path = shapjax.save(params, tmp_path / "ae")
+  record = json.loads((path / "config" / "metadata").read_text())
+  assert (record["kind"], record["version"]) == ("autoencoder", 1)  # version 1: earlier shapjax still reads it
+  del record["kind"]  # what a checkpoint of an earlier shapjax holds
+  (path / "config" / "metadata").write_text(json.dumps(record))
+  loaded = shapjax.load(path)
+  assert isinstance(loaded, shapjax.AutoencoderParams) and loaded.config == params.config
+  record["kind"] = "diffusion"
+  (path / "config" / "metadata").write_text(json.dumps(record))
+  with pytest.raises(ValueError, match="unknown kind 'diffusion'"):
+    shapjax.load(path)

@@ -175,3 +175,13 @@ def test_data_parallel_step_keeps_image_by_image_gradients_local(images, monkeyp
   hlo = step.lower(*args, 0, 1e-3).compile().as_text()
   assert " while(" in hlo  # the image-by-image sums
   assert "all-gather" not in hlo
+
+
+def test_config_of_either_model_kind_round_trips():
+  inpainter = shapjax.TrainConfig.tiny(SHAPE, model=shapjax.InpainterConfig.tiny(SHAPE))
+  data = json.loads(json.dumps(inpainter.to_dict()))
+  assert data["model_kind"] == "inpainting"
+  assert shapjax.TrainConfig.from_dict(data) == inpainter
+  older = shapjax.TrainConfig.tiny(SHAPE).to_dict()
+  del older["model_kind"]  # a dict written before inpainters existed
+  assert shapjax.TrainConfig.from_dict(older) == shapjax.TrainConfig.tiny(SHAPE)
