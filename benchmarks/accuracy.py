@@ -1,28 +1,40 @@
-"""Accuracy of the Shapley estimators on real images, against exact values, per evaluation and per second.
+"""Accuracy of the semivalue estimators on real images, against exact values, per evaluation and per second.
 
 For each of ``--n-images`` defective test images (resized, split into at most ``--regions`` SLIC regions, so
-exact values by enumerating all ``2 ** R`` coalitions are affordable and cached to disk), every shapjax
-estimator runs blocks of its smallest unit (1 permutation, 1 antithetic pair, 1 stratified group of 16, 1
-kernel unit; one compiled program per estimator, reused for every block and image) and records, after 1, 2,
-4, ... blocks, the relative L2 error against the exact values, the Spearman
-rank correlation, the overlap of the top-3 regions, the coverage of the 95% intervals (values +- 1.96
-stderr) and the wall time. captum's ``ShapleyValueSampling`` runs on a PyTorch twin of the same model (weights
-converted by ``benchmarks/torch_reference.py``), image, regions and baseline.
+exact values by enumerating all ``2 ** R`` coalitions are affordable; the table of coalition values is cached to
+disk and every index's exact values come from it), every shapjax estimator of every index in ``--indices``
+(``shapley``, ``banzhaf``, ``beta16-1`` for ``("beta", 16, 1)``, ``loo``, ...) runs blocks of its smallest unit (1
+permutation, 1 antithetic pair, 1 stratified group of 16, 1 kernel, paired or MSR unit; leave-one-out once; one
+compiled program per estimator and index, reused for every block and image) and records, after 1, 2, 4, ...
+blocks, the relative L2 error against the exact values, the Spearman rank correlation, the overlap of the top-3
+regions, the coverage of the 95% intervals (values +- 1.96 stderr), the additivity measure and the wall time.
+captum's ``ShapleyValueSampling`` runs on a PyTorch twin of the same model (weights converted by
+``benchmarks/torch_reference.py``), image, regions and baseline (``--captum-budgets ""`` skips it). shapiq's
+approximators for the same index (Shapley: ``PermutationSamplingSV``, ``KernelSHAP``, ``SVARM``; Banzhaf:
+``SVARM`` and ``SHAPIQ`` with ``index="BV"``; shapiq has no Beta Shapley or leave-one-out) run on the same JAX
+value function, at the budgets the permutation estimator used (``--shapiq ""`` skips them).
 
 Summary: per image, the evaluations (and seconds) each method needs to reach ``--target`` relative L2 error
 (and a 5x stricter one), interpolated in log-log between budgets; when the target is met at the smallest
 budget, that budget's cost (an upper bound), and when not met by the last one, the Monte Carlo 1/sqrt(n)
 extrapolation (both counted as "not interpolated"); then the median over images.
-``--from-json`` recomputes the summary of a previous run without running anything. Prints a markdown table, writes JSON and a PNG.
+``--from-json`` recomputes the summary of a previous run without running anything. Prints a markdown table,
+writes ``NAME.json`` and ``NAME.png`` (``--name``, default ``accuracy``).
 
-Command (about 10 minutes on 2 shared CPU cores):
+Commands (2 shared CPU cores):
 
+  # Shapley estimators against captum (about 20 minutes)
   .venv/bin/python benchmarks/accuracy.py ../shared/data/magnetic_tile --out benchmarks/results
+  # every index against shapiq, reduced (docs/estimators.md)
+  .venv/bin/python benchmarks/accuracy.py ../shared/data/magnetic_tile --out benchmarks/results \\
+      --name accuracy-semivalues --indices shapley,banzhaf,beta16-1,beta4-1,loo --n-images 6 --max-units 32 \\
+      --captum-budgets ""
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -45,7 +57,21 @@ from shapjax import attribution, model, sampling  # noqa: E402
 
 BASELINE = "blur"
 # The smallest unit of each estimator, so that the first budget is as small as the estimator allows.
-BLOCK = {"permutation": 1, "antithetic": 2, "stratified": sampling.STRATIFIED_GROUP, "kernel": 1}
+BLOCK = {"permutation": 1, "antithetic": 2, "stratified": sampling.STRATIFIED_GROUP, "kernel": 1, "paired": 1,
+         "msr": 1, "exact": 1}
+# shapiq's approximators of each index (class name, keyword arguments); shapiq has no Beta Shapley or LOO.
+SHAPIQ_APPROXIMATORS = {
+    "shapley": [("PermutationSamplingSV", {}), ("KernelSHAP", {}), ("SVARM", {"index": "SV"})],
+    "banzhaf": [("SVARM", {"index": "BV"}), ("SHAPIQ", {"max_order": 1, "index": "BV"})],
+}
+
+
+def parse_index(name: str):
+  """``shapley``, ``banzhaf``, ``loo`` or ``betaA-B`` (e.g. ``beta16-1``) -> the index in normal form."""
+  if name.startswith("beta"):
+    alpha, beta = name[4:].split("-")
+    return sampling.check_index(("beta", float(alpha), float(beta)))
+  return sampling.check_index(name)
 BLUR_SIGMA = 4.0
 
 
@@ -102,18 +128,25 @@ def pick_images(data: Path, n_images: int) -> list[Path]:
   return picked
 
 
-def exact_values(params, image, labels, max_regions, cache: Path, tag: str) -> np.ndarray:
-  path = cache / f"exact_{tag}.npy"
+def coalition_table(params, image, labels, max_regions, cache: Path, tag: str) -> np.ndarray:
+  """``f64[2 ** n_regions]``: v of every coalition of the image's regions (cached), bit ``i`` = region ``i``."""
+  path = cache / f"table_{tag}.npy"
   if path.exists():
     return np.load(path)
   n_regions = int(labels.max()) + 1
   options = attribution.AttributionOptions(max_regions=max_regions, baseline=BASELINE, blur_sigma=BLUR_SIGMA)
   value_fn = attribution.value_function(params, jnp.asarray(image), jnp.asarray(labels), None, options)
-  exact = np.asarray(shapjax.exact_shapley(value_fn, n_regions, batch_size=256).values, np.float64)
-  exact = np.concatenate([exact, np.zeros(max_regions - n_regions)])
+  table = np.asarray(sampling._all_coalition_values(value_fn, n_regions, 256), np.float64)
   cache.mkdir(parents=True, exist_ok=True)
-  np.save(path, exact)
-  return exact
+  np.save(path, table)
+  return table
+
+
+def exact_values(table: np.ndarray, n_regions: int, max_regions: int, index) -> tuple[np.ndarray, float]:
+  """The exact values of ``index`` padded to ``max_regions``, and the additivity over all coalitions."""
+  result = sampling._exact_from_table(table, n_regions, index)
+  exact = np.concatenate([np.asarray(result.values, np.float64), np.zeros(max_regions - n_regions)])
+  return exact, float(result.additivity)
 
 
 def metrics(estimate: np.ndarray, exact: np.ndarray, n_regions: int) -> dict:
@@ -125,32 +158,85 @@ def metrics(estimate: np.ndarray, exact: np.ndarray, n_regions: int) -> dict:
           "top3": len(top_exact & top_estimate) / 3}
 
 
-def run_shapjax(params, image, labels, exact, *, estimator, block, n_blocks, max_regions, key) -> list[dict]:
+@functools.partial(jax.jit, static_argnames=("options",))
+def _endpoints(params, image, labels, active, *, options):
+  return sampling.endpoint_values(attribution.value_function(params, image, labels, None, options), active)
+
+
+# Module-level programs taking the image as an argument: one compilation serves every image, key and block.
+@functools.partial(jax.jit, static_argnames=("options",))
+def _block(params, image, labels, key, state, start, v_empty_full, active, *, options):
+  return sampling.estimate_block(
+      attribution.value_function(params, image, labels, None, options), options.max_regions, options.n_perm,
+      key=key, start=start, state=state, active=active, v_empty_full=v_empty_full, batch_size=options.batch_size,
+      estimator=options.estimator, index=options.index)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _coalition_values(params, image, labels, coalitions, *, options):
+  return attribution.value_function(params, image, labels, None, options)(coalitions)
+
+
+def run_shapjax(params, image, labels, exact, *, estimator, block, n_blocks, max_regions, key,
+                index="shapley") -> list[dict]:
   """Blocks of ``block`` units, recording the estimate after 1, 2, 4, ... blocks."""
   n_regions = int(labels.max()) + 1
   options = attribution.AttributionOptions(n_perm=block, max_regions=max_regions, batch_size=256,
-                                           estimator=estimator, baseline=BASELINE, blur_sigma=BLUR_SIGMA)
+                                           estimator=estimator, baseline=BASELINE, blur_sigma=BLUR_SIGMA,
+                                           index=index)
   image, labels = jnp.asarray(image), jnp.asarray(labels)
   active = jnp.arange(max_regions) < n_regions
   start_time = time.perf_counter()
-  block_fn = jax.jit(lambda state, start, v_empty_full: sampling.estimate_block(
-      attribution.value_function(params, image, labels, None, options), max_regions, block, key=key, start=start,
-      state=state, active=active, v_empty_full=v_empty_full, batch_size=256, estimator=estimator))
-  v_empty_full = jax.jit(lambda: sampling.endpoint_values(
-      attribution.value_function(params, image, labels, None, options), active))()
+  v_empty_full = _endpoints(params, image, labels, active, options=options)
   state = sampling.init_state(max_regions, estimator)
   records = []
   for b in range(n_blocks):
-    state, result = block_fn(state, jnp.asarray(b * block, jnp.int32), v_empty_full)
+    state, result = _block(params, image, labels, key, state, jnp.asarray(b * block, jnp.int32), v_empty_full,
+                           active, options=options)
     if (b + 1) & b == 0:  # 1, 2, 4, ... blocks
       values = np.asarray(result.values)  # waits for the result
       seconds = time.perf_counter() - start_time
       stderr = np.asarray(result.stderr, np.float64)[:n_regions]
       inside = np.abs(values[:n_regions] - exact[:n_regions]) <= 1.96 * stderr
       # NaN error bars (a single stratified group) are no interval: left out of the coverage.
-      coverage = float(np.mean(inside)) if np.all(np.isfinite(stderr)) else None
+      # Exact values (leave-one-out) have no interval either.
+      coverage = float(np.mean(inside)) if np.all(np.isfinite(stderr)) and np.any(stderr > 0) else None
       records.append({"units": (b + 1) * block, "n_evals": int(result.n_evals), "seconds": seconds,
-                      "coverage": coverage, **metrics(values, exact, n_regions)})
+                      "coverage": coverage, "additivity": float(result.additivity),
+                      **metrics(values, exact, n_regions)})
+  return records
+
+
+def run_shapiq(params, image, labels, exact, *, name, kwargs, budgets, max_regions, seed) -> list[dict]:
+  """One of shapiq's approximators on the same JAX value function, at each budget (evaluations)."""
+  import shapiq.approximator
+
+  n_regions = int(labels.max()) + 1
+  options = attribution.AttributionOptions(max_regions=max_regions, baseline=BASELINE, blur_sigma=BLUR_SIGMA)
+  image, labels = jnp.asarray(image), jnp.asarray(labels)
+  value_fn = lambda coalitions: _coalition_values(params, image, labels, coalitions, options=options)
+  chunk = 256  # fixed shapes: one compiled program whatever batch shapiq asks for
+  calls = []
+
+  def game(coalitions):
+    coalitions = np.atleast_2d(np.asarray(coalitions, bool))
+    calls.append(len(coalitions))
+    padded = np.zeros((-(-len(coalitions) // chunk) * chunk, max_regions), bool)
+    padded[:len(coalitions), :n_regions] = coalitions
+    return np.concatenate([np.asarray(value_fn(jnp.asarray(padded[i:i + chunk])), np.float64)
+                           for i in range(0, len(padded), chunk)])[:len(coalitions)]
+
+  game(np.zeros((1, n_regions), bool))  # compiles outside the clock
+  records = []
+  for budget in budgets:
+    approximator = getattr(shapiq.approximator, name)(n_regions, random_state=seed, **kwargs)
+    calls.clear()
+    start_time = time.perf_counter()
+    estimate = approximator.approximate(budget=int(budget), game=game)
+    seconds = time.perf_counter() - start_time
+    values = np.array([float(estimate[(i,)]) for i in range(n_regions)])
+    records.append({"units": int(budget), "n_evals": int(sum(calls)), "seconds": seconds,
+                    **metrics(np.concatenate([values, np.zeros(max_regions - n_regions)]), exact, n_regions)})
   return records
 
 
@@ -213,7 +299,13 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=2, help="keys per image and estimator")
   parser.add_argument("--captum-budgets", type=str, default="1,2,4,8,16")
   parser.add_argument("--target", type=float, default=0.05)
-  parser.add_argument("--estimators", type=str, default=",".join(sampling.ESTIMATORS))
+  parser.add_argument("--estimators", type=str, default="",
+                      help="shapjax estimators to run (default: every estimator of each index)")
+  parser.add_argument("--indices", type=str, default="shapley",
+                      help="comma-separated: shapley, banzhaf, loo, betaA-B (e.g. beta16-1)")
+  parser.add_argument("--shapiq", type=str, default="auto",
+                      help="'auto': shapiq's approximators of each index it has; '' skips them")
+  parser.add_argument("--name", type=str, default="accuracy", help="results file stem: NAME.json, NAME.png")
   parser.add_argument("--from-json", type=Path, default=None, help="re-summarize a previous accuracy.json")
   args = parser.parse_args(argv)
   if args.from_json is not None:
@@ -221,10 +313,11 @@ def main(argv=None):
     payload["summary"] = summarize(payload["runs"], payload["images"], args.target)
     print_table(payload["summary"], args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(payload, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     plot(payload["runs"], payload["summary"], args)
     return
-  estimators = args.estimators.split(",")
+  index_names = [name for name in args.indices.split(",") if name]
+  only = [name for name in args.estimators.split(",") if name]
   captum_budgets = [int(b) for b in args.captum_budgets.split(",") if b]
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; training the autoencoder ...", flush=True)
@@ -237,32 +330,58 @@ def main(argv=None):
     labels = shapjax.segment(image, max_regions=args.regions, n_segments=args.regions)
     tag = hashlib.sha1(f"{path}|{args.size}|{args.regions}|{model_tag}".encode()).hexdigest()[:12]
     start_time = time.perf_counter()
-    exact = exact_values(params, image, labels, args.regions, args.cache, tag)
+    table = coalition_table(params, image, labels, args.regions, args.cache, tag)
     n_regions = int(labels.max()) + 1
-    print(f"  {path.parent.name}/{path.name}: {n_regions} regions, exact values "
-          f"({2 ** n_regions} evaluations) in {time.perf_counter() - start_time:.1f}s", flush=True)
-    images.append({"path": str(path), "image": image, "labels": labels, "exact": exact, "n_regions": n_regions})
+    exact = {}
+    for name in index_names:
+      exact[name], additivity = exact_values(table, n_regions, args.regions, parse_index(name))
+    print(f"  {path.parent.name}/{path.name}: {n_regions} regions, exact values ({2 ** n_regions} evaluations) "
+          f"in {time.perf_counter() - start_time:.1f}s; additivity over all coalitions {additivity:.4f}", flush=True)
+    images.append({"path": str(path), "image": image, "labels": labels, "exact": exact, "n_regions": n_regions,
+                   "additivity": additivity})
 
-  results = {name: [] for name in estimators + ["captum"]}
-  for name in estimators:
-    # Compile once outside the clock: the program is the same for every image and key.
-    warm = images[0]
-    block = BLOCK[name]
-    run_shapjax(params, warm["image"], warm["labels"], warm["exact"], estimator=name, block=block, n_blocks=1,
-                max_regions=args.regions, key=jax.random.key(99))
-    for i, item in enumerate(images):
-      for r in range(args.repeats):
-        key = jax.random.fold_in(jax.random.key(r), i)
-        records = run_shapjax(params, item["image"], item["labels"], item["exact"], estimator=name,
-                              block=block, n_blocks=max(1, args.max_units // block), max_regions=args.regions,
-                              key=key)
-        results[name].append({"image": i, "repeat": r, "records": records})
-    print(f"  {name}: done", flush=True)
-  if captum_budgets:
+  results = {}
+  for index_name in index_names:
+    index = parse_index(index_name)
+    kind = sampling.index_kind(index)
+    for name in sampling.INDEX_ESTIMATORS[kind]:
+      if only and name not in only:
+        continue
+      label = name if index_name == "shapley" else f"{index_name}/{name}"
+      results[label] = []
+      # Compile once outside the clock: the program is the same for every image and key.
+      warm = images[0]
+      block = BLOCK[name]
+      n_blocks = 1 if name == "exact" else max(1, args.max_units // block)
+      run_shapjax(params, warm["image"], warm["labels"], warm["exact"][index_name], estimator=name, block=block,
+                  n_blocks=1, max_regions=args.regions, key=jax.random.key(99), index=index)
+      for i, item in enumerate(images):
+        for r in range(1 if name == "exact" else args.repeats):
+          key = jax.random.fold_in(jax.random.key(r), i)
+          records = run_shapjax(params, item["image"], item["labels"], item["exact"][index_name], estimator=name,
+                                block=block, n_blocks=n_blocks, max_regions=args.regions, key=key, index=index)
+          results[label].append({"image": i, "repeat": r, "records": records})
+      print(f"  {label}: done", flush=True)
+    if args.shapiq and kind in SHAPIQ_APPROXIMATORS:
+      for class_name, kwargs in SHAPIQ_APPROXIMATORS[kind]:
+        label = f"shapiq {class_name}" + ("" if index_name == "shapley" else f" ({index_name})")
+        results[label] = []
+        for i, item in enumerate(images):
+          # The budgets the permutation estimator spent on this image: 1, 2, 4, ... permutations.
+          n_regions = item["n_regions"]
+          budgets = [2 + u * (n_regions - 1) for u in (1, 2, 4, 8, 16, 32, 64, 128) if u <= args.max_units]
+          for r in range(args.repeats):
+            records = run_shapiq(params, item["image"], item["labels"], item["exact"][index_name], name=class_name,
+                                 kwargs=kwargs, budgets=budgets, max_regions=args.regions, seed=100 * i + r)
+            results[label].append({"image": i, "repeat": r, "records": records})
+        print(f"  {label}: done", flush=True)
+  if captum_budgets and "shapley" in index_names:
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results["captum"] = []
     for i, item in enumerate(images):
-      records = run_captum(params, item["image"], item["labels"], item["exact"], budgets=captum_budgets, seed=i)
+      records = run_captum(params, item["image"], item["labels"], item["exact"]["shapley"], budgets=captum_budgets,
+                           seed=i)
       results["captum"].append({"image": i, "repeat": 0, "records": records})
     print("  captum: done", flush=True)
 
@@ -270,11 +389,18 @@ def main(argv=None):
   print_table(summary, args)
   args.out.mkdir(parents=True, exist_ok=True)
   payload = {"settings": {k: str(v) for k, v in vars(args).items()},
-             "jax": jax.__version__, "images": [{"path": it["path"], "n_regions": it["n_regions"]} for it in images],
+             "jax": jax.__version__,
+             "images": [{"path": os.path.relpath(it["path"]), "n_regions": it["n_regions"],
+                         "additivity_all_coalitions": it["additivity"]} for it in images],
              "summary": summary, "runs": results}
-  (args.out / "accuracy.json").write_text(json.dumps(payload, indent=1))
+  (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
   plot(results, summary, args)
-  print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'}")
+  print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
+
+
+def _median_field(records, field):
+  values = [r[field] for r in records if r.get(field) is not None and np.isfinite(r[field])]
+  return float(np.median(values)) if values else None
 
 
 def _mean_coverage(records):
@@ -317,6 +443,7 @@ def summarize(results, images, target) -> dict:
         "evals_to_strict_target_median": float(np.median(strict_to)),
         "images_extrapolated_strict": strict_extrapolated,
         "coverage": _mean_coverage(records),
+        "additivity_median": _median_field(records, "additivity"),
         "curve": [{"units": u, "n_evals_median": float(np.median([r["n_evals"] for r in rs])),
                    "seconds_median": float(np.median([r["seconds"] for r in rs])),
                    "rel_l2_median": float(np.median([r["rel_l2"] for r in rs])),
@@ -328,26 +455,30 @@ def summarize(results, images, target) -> dict:
   return summary
 
 
+def _index_of(label: str) -> str:
+  """``"banzhaf/paired"`` -> ``"banzhaf"``; ``"shapiq SVARM (banzhaf)"`` -> ``"banzhaf"``; others are Shapley's."""
+  if label.startswith("shapiq") and label.endswith(")"):
+    return label[label.rindex("(") + 1:-1]
+  return label.split("/")[0] if "/" in label else "shapley"
+
+
 def print_table(summary, args):
-  base = summary.get("permutation", {}).get("evals_to_target_median")
   captum_seconds = summary.get("captum", {}).get("seconds_to_target_median")
   print(f"\n{args.n_images} images, <= {args.regions} regions, {args.size}x{args.size}; target relative L2 error "
         f"{args.target:.0%}; medians over images\n")
-  strict_base = summary.get("permutation", {}).get("evals_to_strict_target_median")
-  print(f"| estimator | evals to {args.target:.0%} (not interp.) | vs permutation | seconds to {args.target:.0%} "
-        f"| vs captum | evals to {args.target / 5:.0%} (not interp.) | vs permutation | coverage of 95% CI "
-        "| rel. L2 @ ~350 evals | Spearman @ ~350 evals | top-3 overlap @ ~350 evals |")
+  print(f"| index | method | evals to {args.target:.0%} (not interp.) | seconds to {args.target:.0%} | vs captum "
+        f"| evals to {args.target / 5:.0%} (not interp.) | coverage of 95% CI | rel. L2 @ ~350 evals "
+        "| Spearman @ ~350 evals | top-3 overlap @ ~350 evals | additivity |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for name, s in summary.items():
     at = min(s["curve"], key=lambda c: abs(np.log(c["n_evals_median"] / 350)))
-    strict_ratio = f"{strict_base / s['evals_to_strict_target_median']:.2f}x" if strict_base else "-"
-    ratio = f"{base / s['evals_to_target_median']:.2f}x" if base else "-"
     speed = f"{captum_seconds / s['seconds_to_target_median']:.1f}x" if captum_seconds else "-"
     coverage = f"{s['coverage']:.3f}" if s["coverage"] is not None else "-"
-    print(f"| {name} | {s['evals_to_target_median']:.1f} ({s['images_extrapolated']}) | {ratio} "
-          f"| {s['seconds_to_target_median']:.4f} | {speed} | {s['evals_to_strict_target_median']:.0f} "
-          f"({s['images_extrapolated_strict']}) | {strict_ratio} | {coverage} | {at['rel_l2_median']:.2e} "
-          f"| {at['spearman_median']:.3f} | {at['top3_mean']:.2f} |")
+    additivity = f"{s['additivity_median']:.4f}" if s.get("additivity_median") is not None else "-"
+    print(f"| {_index_of(name)} | {name.split('/')[-1]} | {s['evals_to_target_median']:.1f} "
+          f"({s['images_extrapolated']}) | {s['seconds_to_target_median']:.4f} | {speed} "
+          f"| {s['evals_to_strict_target_median']:.0f} ({s['images_extrapolated_strict']}) | {coverage} "
+          f"| {at['rel_l2_median']:.2e} | {at['spearman_median']:.3f} | {at['top3_mean']:.2f} | {additivity} |")
   print()
 
 
@@ -379,7 +510,7 @@ def plot(results, summary, args):
   axes[0].legend()
   fig.suptitle(f"{args.data.name}: {args.n_images} images {args.size}x{args.size}, <= {args.regions} regions")
   fig.tight_layout()
-  fig.savefig(args.out / "accuracy.png", dpi=110)
+  fig.savefig(args.out / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

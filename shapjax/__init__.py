@@ -26,7 +26,14 @@ _EXPORTS = {
     "make_mesh": "devices",
     "use_cpu_devices": "devices",
     "evaluate": "evaluation",
+    "InpainterConfig": "inpainting",
+    "InpainterParams": "inpainting",
+    "init_inpainter": "inpainting",
+    "inpaint": "inpainting",
+    "inpainting_loss": "inpainting",
+    "random_visible_masks": "inpainting",
     "heatmap": "masking",
+    "inpainted_value_fn": "masking",
     "make_baseline": "masking",
     "masked_value_fn": "masking",
     "aupro": "metrics",
@@ -45,6 +52,7 @@ _EXPORTS = {
     "plot_loss_curve": "plots",
     "plot_overlay_grid": "plots",
     "ShapleyResult": "sampling",
+    "exact_semivalue": "sampling",
     "exact_shapley": "sampling",
     "shapley_values": "sampling",
     "segment": "segmentation",
@@ -76,13 +84,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
   from shapjax.data import MVTecSplit, load_mvtec, make_demo_dataset, read_image
   from shapjax.devices import initialize_processes, make_mesh, use_cpu_devices
   from shapjax.evaluation import evaluate
-  from shapjax.masking import heatmap, make_baseline, masked_value_fn
+  from shapjax.inpainting import (InpainterConfig, InpainterParams, init_inpainter, inpaint, inpainting_loss,
+                                  random_visible_masks)
+  from shapjax.masking import heatmap, inpainted_value_fn, make_baseline, masked_value_fn
   from shapjax.metrics import aupro, image_auroc, pixel_auroc
   from shapjax.model import (AutoencoderConfig, AutoencoderParams, init_autoencoder, reconstruct,
                              reconstruction_loss, residual_map)
   from shapjax.pipeline import DemoConfig, explain_files, run_demo
   from shapjax.plots import plot_explanation, plot_loss_curve, plot_overlay_grid
-  from shapjax.sampling import ShapleyResult, exact_shapley, shapley_values
+  from shapjax.sampling import ShapleyResult, exact_semivalue, exact_shapley, shapley_values
   from shapjax.segmentation import segment, segment_batch
   from shapjax.streaming import DatasetAttribution, attribute_dataset
   from shapjax.training import TrainConfig, train

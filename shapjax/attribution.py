@@ -5,7 +5,11 @@ The characteristic function of an image ``x`` with label map ``labels`` and base
     v(S) = mean over pixels and channels of (AE(x_S) - x_S) ** 2,   x_S = m_S * x + (1 - m_S) * b,
 
 where ``m_S`` is 1 on the pixels of the regions in S. A region whose presence raises the reconstruction loss
-(the autoencoder, trained on normal images only, cannot reproduce it) gets a large positive value.
+(the autoencoder, trained on normal images only, cannot reproduce it) gets a large positive value. That game is
+additive (``docs/localization.md``); with an inpainter (``game="inpainting"``, the default for
+:class:`shapjax.InpainterParams`) the regions outside S are hidden and inpainted from those in S, and
+``v(S) = -sum over hidden pixels of mean over channels of (inpaint(x, m_S) - x) ** 2 / (H * W)``
+(:func:`shapjax.inpainted_value_fn`): a region's absence changes what its neighbours' holes are filled with.
 
 Every entry point (:func:`attribute`, :func:`attribute_batch`, and :func:`shapjax.attribute_dataset` through
 :func:`prepare`) goes through one front door, :func:`prepare`, which checks and normalises the images, labels
@@ -34,10 +38,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from shapjax import devices, masking, model, pixels, sampling, segmentation, speedups
+from shapjax import devices, inpainting, masking, model, pixels, sampling, segmentation, speedups
 
 DEFAULT_N_PERM = 32
 DEFAULT_KEY_SEED = 0
+# The games attribute() can play; a model kind's default game is the one it was trained for.
+GAMES = ("reconstruction", "inpainting")
+_GAME_OF_KIND = {"autoencoder": "reconstruction", "inpainting": "inpainting"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +57,15 @@ class AttributionOptions:
     n_perm: units (permutations, or kernel units) per image, or per block with ``tol``.
     max_regions: number of players (padded region count).
     batch_size: composites per autoencoder call.
-    estimator: one of :data:`shapjax.sampling.ESTIMATORS`.
+    estimator: one of the index's estimators (:data:`shapjax.sampling.INDEX_ESTIMATORS`), resolved (not None).
+    index: ``"shapley"``, ``"banzhaf"``, ``"loo"`` or ``("beta", alpha, beta)`` in normal form
+      (:func:`shapjax.sampling.check_index`).
     baseline: a named baseline (``"blur"``, ``"mean"``, ``"zeros"``), or None when the baseline is an array
       (passed to the program as data).
     blur_sigma: Gaussian sigma in pixels for ``baseline="blur"``.
+    game: ``"reconstruction"`` (an autoencoder's loss on baseline composites) or ``"inpainting"`` (an
+      inpainter's error on the hidden regions, :func:`shapjax.inpainted_value_fn`; no baseline: ``baseline``
+      is then None).
   """
 
   n_perm: int = DEFAULT_N_PERM
@@ -62,6 +74,8 @@ class AttributionOptions:
   estimator: str = sampling.DEFAULT_ESTIMATOR
   baseline: str | None = masking.DEFAULT_BASELINE
   blur_sigma: float = masking.DEFAULT_BLUR_SIGMA
+  index: str | tuple = sampling.DEFAULT_INDEX
+  game: str = "reconstruction"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +95,7 @@ class Prepared:
   options: AttributionOptions
 
 
-def _check_images(array, config: model.AutoencoderConfig, *, batched: bool) -> jax.Array:
+def _check_images(array, config: model.ModelConfig, *, batched: bool) -> jax.Array:
   what = "images" if batched else "image"
   expected = "[N, H, W, C]" if batched else "[H, W, C]"
   rank = 4 if batched else 3
@@ -92,11 +106,12 @@ def _check_images(array, config: model.AutoencoderConfig, *, batched: bool) -> j
   if array.ndim != rank:
     raise ValueError(f"{what} must have shape {expected}, got shape {tuple(array.shape)}")
   height, width, channels = config.image_shape
+  name = "inpainter" if isinstance(config, inpainting.InpainterConfig) else "autoencoder"
   if array.shape[-1] != channels:
-    raise ValueError(f"{what} has {array.shape[-1]} channels but the autoencoder expects {channels} "
+    raise ValueError(f"{what} has {array.shape[-1]} channels but the {name} expects {channels} "
                      f"({what} shape {tuple(array.shape)})")
   if tuple(array.shape[-3:-1]) != (height, width):
-    raise ValueError(f"{what} is {array.shape[-3]}x{array.shape[-2]} pixels but the autoencoder was built for "
+    raise ValueError(f"{what} is {array.shape[-3]}x{array.shape[-2]} pixels but the {name} was built for "
                      f"{height}x{width}: resize it first (e.g. shapjax.read_image(path, image_size=({height}, "
                      f"{width}))) or use a model trained at this size")
   if batched and array.shape[0] < 1:
@@ -147,10 +162,31 @@ def _split_baseline(baseline, image_shape, *, batch_shape=None) -> tuple[str | N
   return None, jnp.broadcast_to(jnp.asarray(array, jnp.float32), target)
 
 
-def prepare(params: model.AutoencoderParams, image: ArrayLike, labels: ArrayLike, n_perm: int, *,
+def check_game(params, game: str | None = None) -> str:
+  """The game ``params`` play: ``game`` itself, or by default the one the model kind was trained for.
+
+  Raises a TypeError unless ``params`` are :class:`shapjax.AutoencoderParams` (default game
+  ``"reconstruction"``) or :class:`shapjax.InpainterParams` (default ``"inpainting"``), and a ValueError for an
+  unknown game or one the model cannot play.
+  """
+  if not isinstance(params, (model.AutoencoderParams, inpainting.InpainterParams)):
+    raise TypeError(f"params must be AutoencoderParams or InpainterParams (from init_autoencoder, init_inpainter, "
+                    f"train or load), got {type(params).__name__}")
+  kind = model.model_kind(params)
+  if game is None:
+    return _GAME_OF_KIND[kind]
+  if game not in GAMES:
+    raise ValueError(f"game must be one of {GAMES} or None (the model's own), got {game!r}")
+  if game != _GAME_OF_KIND[kind]:
+    needs = "an autoencoder (AutoencoderParams)" if game == "reconstruction" else "an inpainter (InpainterParams)"
+    raise ValueError(f"the {game!r} game needs {needs}, got {type(params).__name__}")
+  return game
+
+
+def prepare(params: model.ModelParams, image: ArrayLike, labels: ArrayLike, n_perm: int, *,
             batched: bool = False, baseline=masking.DEFAULT_BASELINE, blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
             max_regions: int = segmentation.DEFAULT_MAX_REGIONS, batch_size: int | None = None,
-            estimator: str = sampling.DEFAULT_ESTIMATOR) -> Prepared:
+            estimator: str | None = None, index=sampling.DEFAULT_INDEX, game: str | None = None) -> Prepared:
   """The front door of every attribution entry point: checks and normalises inputs and options.
 
   Everything is checked before anything is compiled, with errors that name the problem: params of the wrong
@@ -160,7 +196,7 @@ def prepare(params: model.AutoencoderParams, image: ArrayLike, labels: ArrayLike
   cannot take; a baseline that does not fit the image. Inside a user's ``jit`` the value checks are skipped.
 
   Args:
-    params: autoencoder params.
+    params: autoencoder or inpainter params.
     image: ``[H, W, C]`` (``[N, H, W, C]`` with ``batched``), float in ``[0, 1]``, uint8 or uint16.
     labels: ``i32[H, W]`` (``[N, H, W]``).
     n_perm: units per image (per block with ``tol``).
@@ -169,29 +205,44 @@ def prepare(params: model.AutoencoderParams, image: ArrayLike, labels: ArrayLike
     blur_sigma: as in :func:`attribute`.
     max_regions: as in :func:`attribute`.
     batch_size: as in :func:`attribute`; None picks the backend's default.
-    estimator: as in :func:`attribute`.
+    estimator: as in :func:`attribute`; None picks the index's default.
+    index: as in :func:`attribute`.
+    game: as in :func:`attribute` (:func:`check_game`).
 
   Returns:
     :class:`Prepared`.
   """
-  model.check_params(params)
+  game = check_game(params, game)
   if not isinstance(max_regions, (int, np.integer)) or max_regions < 1:
     raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
   batch_size = sampling.default_batch_size(batch_size)
-  sampling.check_counts(int(max_regions), n_perm, batch_size, estimator)
+  index = sampling.check_index(index)
+  sampling.check_counts(int(max_regions), n_perm, batch_size, estimator, index=index)
+  estimator = sampling.resolve_estimator(index, estimator)
   if not isinstance(blur_sigma, (int, float, np.integer, np.floating)) or not blur_sigma >= 0:
     raise ValueError(f"blur_sigma must be a non-negative number, got {blur_sigma!r}")
   image = _check_images(image, params.config, batched=batched)
   labels = _check_labels(labels, image.shape[:-1], int(max_regions), batched=batched)
-  kind, array = _split_baseline(baseline, image.shape[-3:], batch_shape=image.shape if batched else None)
+  if game == "inpainting":  # hidden regions are inpainted: no baseline, and one program whatever was passed
+    kind, array = None, None
+  else:
+    kind, array = _split_baseline(baseline, image.shape[-3:], batch_shape=image.shape if batched else None)
   options = AttributionOptions(n_perm=int(n_perm), max_regions=int(max_regions), batch_size=int(batch_size),
-                               estimator=estimator, baseline=kind, blur_sigma=float(blur_sigma))
+                               estimator=estimator, baseline=kind, blur_sigma=float(blur_sigma), index=index,
+                               game=game)
   return Prepared(images=image, labels=labels, baseline=array, options=options)
 
 
-def value_function(params: model.AutoencoderParams, image: jax.Array, labels: jax.Array, baseline_array,
+def value_function(params: model.ModelParams, image: jax.Array, labels: jax.Array, baseline_array,
                    options: AttributionOptions):
-  """The game of one image: ``bool[B, max_regions] -> f32[B]`` reconstruction losses of the composites."""
+  """The game of one image: ``bool[B, max_regions] -> f32[B]``.
+
+  ``options.game == "reconstruction"``: the autoencoder's reconstruction losses of the baseline composites;
+  ``"inpainting"``: minus the inpainter's error on the hidden regions (:func:`shapjax.inpainted_value_fn`).
+  """
+  if options.game == "inpainting":
+    return masking.inpainted_value_fn(lambda images, visible: inpainting.inpaint(params, images, visible), image,
+                                      labels)
   baseline = options.baseline if options.baseline is not None else baseline_array
   return masking.masked_value_fn(lambda x: model.reconstruction_loss(params, x), image, labels, baseline=baseline,
                                  blur_sigma=options.blur_sigma)
@@ -210,7 +261,7 @@ def _attribute_one(params, image, labels, key, baseline_array, options: Attribut
       value_fn, options.max_regions, options.n_perm, key=key, start=start,
       state=sampling.init_state(options.max_regions, options.estimator), active=active,
       v_empty_full=sampling.endpoint_values(value_fn, active), batch_size=options.batch_size,
-      estimator=options.estimator, axis_name=axis_name)
+      estimator=options.estimator, index=options.index, axis_name=axis_name)
   return result
 
 
@@ -230,7 +281,7 @@ def _block_jit(params, image, labels, key, baseline_array, state, start, v_empty
   return sampling.estimate_block(
       value_fn, options.max_regions, options.n_perm, key=key, start=start, state=state,
       active=_active(labels, options.max_regions), v_empty_full=v_empty_full, batch_size=options.batch_size,
-      estimator=options.estimator)
+      estimator=options.estimator, index=options.index)
 
 
 def _attribute_until(params, image, labels, key, baseline_array, options, *, tol, max_evals):
@@ -246,7 +297,8 @@ def _attribute_until(params, image, labels, key, baseline_array, options, *, tol
     return _block_jit(params, image, labels, key, baseline_array, state, start, v_empty_full, options=options)
 
   return sampling.run_blocks(block_fn, sampling.init_state(options.max_regions, options.estimator),
-                             n_perm=options.n_perm, units_cost=sampling.evals_per_unit(n_regions, options.estimator),
+                             n_perm=options.n_perm,
+                             block_cost=sampling.block_evals(n_regions, options.n_perm, options.estimator),
                              tol=tol, max_evals=max_evals, active=active)
 
 
@@ -281,22 +333,14 @@ def _attribute_on_mesh(params, prepared: Prepared, key, mesh) -> sampling.Shaple
 
 
 @functools.partial(speedups.jit_forward, static_argnames=("options", "mesh"))
-def _images_program(params, images, labels, key, offset, baseline_array, *, options, mesh):
-  """Attributes ``images[j]`` with key ``fold_in(key, offset + j)``; with a mesh, one image shard per device.
+def _images_program(params, images, labels, key, indices, baseline_array, *, options, mesh):
+  """Attributes ``images[j]`` with key ``fold_in(key, indices[j])``; with a mesh, one image shard per device.
 
-  ``offset`` is a scalar, or ``i32[N]``: the key index of each row (split over the mesh like the images), which
-  lets each of several hosts number its own rows.
+  ``indices`` (``i32[N]``, split over the mesh like the images) lets each of several hosts number its own rows.
   """
   per_image_baseline = baseline_array is not None and baseline_array.ndim == 4
-  per_row_index = offset.ndim == 1
 
-  def local(params, images, labels, key, offset, baseline_array):
-    n_local = images.shape[0]
-    if per_row_index:
-      indices = offset
-    else:
-      first = offset if mesh is None else offset + jax.lax.axis_index(devices.axes(mesh)) * n_local
-      indices = first + jnp.arange(n_local)
+  def local(params, images, labels, key, indices, baseline_array):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     if per_image_baseline:
       xs = (images, labels, keys, baseline_array)
@@ -308,12 +352,12 @@ def _images_program(params, images, labels, key, offset, baseline_array, *, opti
     return jax.lax.map(one, xs)
 
   if mesh is None:
-    return local(params, images, labels, key, offset, baseline_array)
+    return local(params, images, labels, key, indices, baseline_array)
   rows, whole = P(devices.axes(mesh)), P()
-  in_specs = (whole, rows, rows, whole, rows if per_row_index else whole, rows if per_image_baseline else whole)
+  in_specs = (whole, rows, rows, whole, rows, rows if per_image_baseline else whole)
   # check_vma=False as in _permutations_program: the per-device program is the one-device program.
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(
-      params, images, labels, key, offset, baseline_array)
+      params, images, labels, key, indices, baseline_array)
 
 
 def run_images(params: model.AutoencoderParams, images, labels, key: jax.Array, *, offset: int, baseline_array,
@@ -339,15 +383,16 @@ def run_images(params: model.AutoencoderParams, images, labels, key: jax.Array, 
     :class:`shapjax.ShapleyResult` with a leading axis of size N (global, batch-sharded with a mesh: with
     several processes, N is every process's rows; :func:`shapjax.devices.local_rows` gives this one's).
   """
-  if mesh is None:
-    return _images_program(params, images, labels, key, jnp.int32(offset), baseline_array, options=options,
-                           mesh=None)
   # Each row carries its own key index: hosts number their rows themselves, whatever their place in the mesh.
-  offset = devices.put_rows(np.int32(offset) + np.arange(images.shape[0], dtype=np.int32), mesh)
+  indices = np.int32(offset) + np.arange(images.shape[0], dtype=np.int32)
+  if mesh is None:
+    return _images_program(params, images, labels, key, jnp.asarray(indices), baseline_array, options=options,
+                           mesh=None)
+  indices = devices.put_rows(indices, mesh)
   images, labels = devices.put_rows(images, mesh), devices.put_rows(labels, mesh)
   if baseline_array is not None and baseline_array.ndim == 4:
     baseline_array = devices.put_rows(baseline_array, mesh)
-  return _images_program(params, images, labels, key, offset, baseline_array, options=options, mesh=mesh)
+  return _images_program(params, images, labels, key, indices, baseline_array, options=options, mesh=mesh)
 
 
 def default_key(key: jax.Array | None) -> jax.Array:
@@ -366,14 +411,17 @@ def attribute(
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int | None = None,
-    estimator: str = sampling.DEFAULT_ESTIMATOR,
+    estimator: str | None = None,
+    index=sampling.DEFAULT_INDEX,
+    game: str | None = None,
     tol: float | None = None,
     max_evals: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> sampling.ShapleyResult:
-  """Shapley value of each superpixel for the autoencoder's reconstruction loss.
+  """Shapley value (or another semivalue) of each superpixel for the autoencoder's reconstruction loss.
 
-  ``v(S)`` is the mean over all pixels and channels of the squared error between the autoencoder's
+  (Or for an inpainter's error on hidden regions: ``game="inpainting"``, the default for
+  :class:`shapjax.InpainterParams`.) ``v(S)`` is the mean over all pixels and channels of the squared error between the autoencoder's
   reconstruction of the composite ``x_S`` and ``x_S`` itself, where ``x_S`` keeps the regions in S and takes
   the others from the baseline. The region with the largest value is the likeliest anomaly.
 
@@ -396,8 +444,15 @@ def attribute(
     max_regions: number of players (padded region count); the same default as :func:`shapjax.segment`.
     batch_size: composites per autoencoder call (bounds memory; does not change the sample). Default: 16 on
       CPU, 64 on other backends (:func:`shapjax.sampling.default_batch_size`).
-    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
-      :func:`shapjax.shapley_values`).
+    estimator: for Shapley ``"antithetic"`` (default), ``"permutation"``, ``"stratified"`` or ``"kernel"``;
+      for other indices see :func:`shapjax.shapley_values`. None picks the index's default.
+    index: ``"shapley"`` (default), ``"banzhaf"``, ``"loo"`` (leave-one-out: ``n_regions + 2`` evaluations,
+      no sampling) or ``("beta", alpha, beta)`` (Beta Shapley; ``alpha > beta`` weights small coalitions).
+    game: ``"reconstruction"`` (the loss above; needs an autoencoder) or ``"inpainting"`` (needs an
+      inpainter, :func:`shapjax.init_inpainter`: the coalition's regions stay visible, the others are hidden
+      and inpainted, ``v(S)`` is minus the error on the hidden pixels summed and divided by ``H * W``, as in
+      :func:`shapjax.inpainted_value_fn`; ``baseline`` and ``blur_sigma`` are ignored). None: the game of the
+      model's kind.
     tol: stop when ``max(stderr) < tol * (max(values) - min(values))`` over the image's regions, running
       blocks of ``n_perm`` units (one compiled program); None runs ``n_perm`` units once. Needs concrete labels.
     max_evals: evaluation budget with ``tol`` (default: 64 blocks); ``converged`` is False when it ran out.
@@ -407,7 +462,8 @@ def attribute(
       (:func:`shapjax.use_cpu_devices`) is faster than one multi-threaded device. Not combined with ``tol``.
 
   Returns:
-    :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``.
+    :class:`shapjax.ShapleyResult` with ``values`` and ``stderr`` of shape ``[max_regions]``, and
+    ``additivity``: how close this image's game is to additive (1: every region acts alone).
 
   Example:
     >>> import jax, numpy as np, shapjax
@@ -419,7 +475,7 @@ def attribute(
     (8,)
   """
   prepared = prepare(params, image, labels, n_perm, baseline=baseline, blur_sigma=blur_sigma,
-                     max_regions=max_regions, batch_size=batch_size, estimator=estimator)
+                     max_regions=max_regions, batch_size=batch_size, estimator=estimator, index=index, game=game)
   sampling.check_stopping(tol, max_evals)
   key = default_key(key)
   if mesh is not None:
@@ -443,7 +499,9 @@ def attribute_batch(
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     max_regions: int = segmentation.DEFAULT_MAX_REGIONS,
     batch_size: int | None = None,
-    estimator: str = sampling.DEFAULT_ESTIMATOR,
+    estimator: str | None = None,
+    index=sampling.DEFAULT_INDEX,
+    game: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> sampling.ShapleyResult:
   """:func:`attribute` for N images of one shape, as one compiled program.
@@ -461,8 +519,10 @@ def attribute_batch(
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
     max_regions: number of players.
     batch_size: composites per autoencoder call (default: 16 on CPU, 64 elsewhere).
-    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"`` (see
-      :func:`shapjax.shapley_values`).
+    estimator: as in :func:`attribute` (None: the index's default).
+    index: ``"shapley"`` (default), ``"banzhaf"``, ``"loo"`` or ``("beta", alpha, beta)``, as in
+      :func:`attribute`.
+    game: ``"reconstruction"``, ``"inpainting"`` or None (the model's own), as in :func:`attribute`.
     mesh: a ``jax.sharding.Mesh`` (e.g. :func:`shapjax.make_mesh`) to split the images across its devices,
       one shard per device with no communication; N is padded to a multiple of the device count. Several
       processes (after ``jax.distributed.initialize()``, a mesh over every process's devices) each pass their
@@ -474,7 +534,7 @@ def attribute_batch(
     :class:`shapjax.ShapleyResult` whose fields have a leading axis of size N.
   """
   prepared = prepare(params, images, labels, n_perm, batched=True, baseline=baseline, blur_sigma=blur_sigma,
-                     max_regions=max_regions, batch_size=batch_size, estimator=estimator)
+                     max_regions=max_regions, batch_size=batch_size, estimator=estimator, index=index, game=game)
   key = default_key(key)
   if mesh is None:
     return run_images(params, prepared.images, prepared.labels, key, offset=0, baseline_array=prepared.baseline,

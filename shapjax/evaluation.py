@@ -20,6 +20,14 @@ Controls without Shapley values, on the same SLIC regions:
 
 A Shapley map that does not beat its pooled control only re-states the residual.
 
+An inpainter checkpoint (:func:`shapjax.init_inpainter`, ``shapjax train --model inpainting``) has its own maps
+(:data:`INPAINT_MAPS`, its default): ``inpaint_shapley``, the Shapley value of each region in the inpainting
+game (hidden regions inpainted from the visible ones, :func:`shapjax.inpainted_value_fn`) per unit area, as
+``shapley_area``; its controls ``inpaint_loo``, the leave-one-out value (the error of hiding that region alone)
+per unit area, and ``inpaint_grid``, the model's own map without a game: square cells of 8 and 16 px hidden in
+four checkerboard passes per size, each pixel's error from the pass that hid it, averaged over the sizes (as
+RIAD does). The baseline setting does not apply.
+
 Any Shapley map name takes an ablation suffix: ``":constant"`` replaces each image's region values by their
 mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
 not use the Shapley values.
@@ -44,11 +52,15 @@ import numpy as np
 import scipy.ndimage
 import skimage.transform
 
-from shapjax import attribution, masking, metrics, model, sampling, segmentation, speedups
+from shapjax import attribution, inpainting, masking, metrics, model, sampling, segmentation, speedups
 
 SHAPLEY_MAPS = ("shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
-BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS)
+# An inpainter checkpoint's maps: the inpainting game's Shapley values and leave-one-out values per unit area, and
+# the model's own grid-hiding error (no game): the only maps it has, and its default.
+INPAINT_MAPS = ("inpaint_shapley", "inpaint_loo", "inpaint_grid")
+INPAINT_GRID_CELLS = (8, 16)
+BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS, *INPAINT_MAPS)
 """Names of the anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
 ABLATIONS = ("constant", "shuffled")
 DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
@@ -108,7 +120,20 @@ def parse_map_name(name: str) -> tuple[str, str | None]:
 
 
 def _needs_shapley(names: Sequence[str]) -> bool:
-  return any(parse_map_name(n)[0] != "residual" for n in names)
+  return any(parse_map_name(n)[0] not in ("residual", "inpaint_grid") for n in names)
+
+
+def _check_maps_for_model(names: list[str], params, *, default: bool) -> list[str]:
+  """The map names a model kind has: an inpainter only :data:`INPAINT_MAPS` (its default), an autoencoder
+  all others."""
+  inpainter = model.model_kind(params) == "inpainting"
+  if inpainter and default:
+    return list(INPAINT_MAPS)
+  wrong = [n for n in names if (parse_map_name(n)[0] in INPAINT_MAPS) != inpainter]
+  if wrong:
+    kind, allowed = ("an inpainter", INPAINT_MAPS) if inpainter else ("an autoencoder", BASE_MAPS[:-3])
+    raise ValueError(f"maps {wrong} are not available for {kind}; choose from {allowed}")
+  return names
 
 
 # --- Per-image parts ---------------------------------------------------------------------------------------------
@@ -132,8 +157,11 @@ def image_parts(params: model.AutoencoderParams, image: np.ndarray, *, settings:
 
   Returns:
     ``residual: f32[H, W]`` (unsmoothed), ``residual_seconds``, and with ``shapley``, for each scale ``k``:
-    ``labels_k: i32[H, W]`` and ``values_k: f32[max_regions]``, and ``shapley_seconds``.
+    ``labels_k: i32[H, W]``, ``values_k: f32[max_regions]`` and ``additivity_k`` (the game's additivity,
+    :class:`shapjax.ShapleyResult`), and ``shapley_seconds``.
   """
+  if model.model_kind(params) == "inpainting":
+    return _inpainter_parts(params, image, settings=settings, key=key, shapley=shapley)
   start = time.perf_counter()
   image = jnp.asarray(image, jnp.float32)
   reconstruction, residual = jax.block_until_ready(_reconstruct_one(params, image))
@@ -149,6 +177,37 @@ def image_parts(params: model.AutoencoderParams, image: np.ndarray, *, settings:
                                      baseline=baseline, max_regions=max_regions, estimator=settings.estimator)
       parts[f"labels_{k}"] = labels
       parts[f"values_{k}"] = np.asarray(jax.block_until_ready(result.values))
+      parts[f"additivity_{k}"] = np.float32(result.additivity)
+    parts["shapley_seconds"] = np.float64(time.perf_counter() - start)
+  return parts
+
+
+@speedups.jit_forward
+def _grid_error_one(params, image: jax.Array) -> jax.Array:
+  return masking.grid_inpainting_error(lambda x, visible: inpainting.inpaint(params, x, visible), image,
+                                       cell_sizes=INPAINT_GRID_CELLS)
+
+
+def _inpainter_parts(params, image: np.ndarray, *, settings: MapSettings, key: jax.Array,
+                     shapley: bool) -> dict[str, np.ndarray]:
+  """:func:`image_parts` of an inpainter: ``residual`` is the grid-hiding error (the ``inpaint_grid`` map), the
+  values of each scale those of the inpainting game (no baseline), with its leave-one-out values as ``loo_k``."""
+  start = time.perf_counter()
+  image = jnp.asarray(image, jnp.float32)
+  grid = jax.block_until_ready(_grid_error_one(params, image))
+  parts = {"residual": np.asarray(grid), "residual_seconds": np.float64(time.perf_counter() - start)}
+  if shapley:
+    start = time.perf_counter()
+    for k, max_regions in enumerate(settings.regions):
+      labels = segmentation.segment(np.asarray(image), max_regions=max_regions)
+      result = attribution.attribute(params, image, labels, settings.n_perm, key=jax.random.fold_in(key, k),
+                                     max_regions=max_regions, estimator=settings.estimator, game="inpainting")
+      loo = attribution.attribute(params, image, labels, 1, max_regions=max_regions, index="loo",
+                                  game="inpainting")
+      parts[f"labels_{k}"] = labels
+      parts[f"values_{k}"] = np.asarray(jax.block_until_ready(result.values))
+      parts[f"loo_{k}"] = np.asarray(jax.block_until_ready(loo.values))
+      parts[f"additivity_{k}"] = np.float32(result.additivity)
     parts["shapley_seconds"] = np.float64(time.perf_counter() - start)
   return parts
 
@@ -164,7 +223,7 @@ def _ablate(values: np.ndarray, n_regions: int, ablation: str | None, seed: int)
 
 
 def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, seed: int,
-                pooled: bool = False) -> np.ndarray:
+                pooled: bool = False, values_part: str = "values") -> np.ndarray:
   maps = []
   for k in range(n_scales):
     labels = parts[f"labels_{k}"]
@@ -173,7 +232,7 @@ def _region_map(parts, n_scales: int, *, per_area: bool, ablation: str | None, s
       residual = np.asarray(parts["residual"], np.float64)
       values = np.bincount(labels.ravel(), residual.ravel(), n_regions) / residual.size
     else:
-      values = _ablate(parts[f"values_{k}"], n_regions, ablation, seed + k)
+      values = _ablate(parts[f"{values_part}_{k}"], n_regions, ablation, seed + k)
     if per_area:
       area = np.bincount(labels.ravel(), minlength=values.size).astype(np.float64)
       values = values * labels.size / np.maximum(area, 1.0)
@@ -196,9 +255,13 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   base, ablation = parse_map_name(name)
   smooth = lambda m: scipy.ndimage.gaussian_filter(m, settings.sigma, mode="nearest") if settings.sigma > 0 else m
   residual = smooth(np.asarray(parts["residual"], np.float64))
-  if base == "residual":
+  if base in ("residual", "inpaint_grid"):  # an inpainter's parts hold its grid error as the residual
     return residual.astype(np.float32)
   n_scales = len(settings.regions)
+  if base in ("inpaint_shapley", "inpaint_loo"):  # per unit area: the grid error's units
+    values_part = "values" if base == "inpaint_shapley" else "loo"
+    return smooth(_region_map(parts, n_scales, per_area=True, ablation=None, seed=seed,
+                              values_part=values_part)).astype(np.float32)
   if base == "shapley":
     return smooth(_region_map(parts, n_scales, per_area=False, ablation=ablation, seed=seed)).astype(np.float32)
   pooled = base in POOLED_MAPS
@@ -332,12 +395,15 @@ def evaluate(
 
   Returns:
     A JSON-ready dict: ``settings``, ``n_images``, ``maps`` (name -> ``overall`` and ``per_type`` metrics,
-    ``seconds_per_image``), ``images`` (path, defect type, image score of every map) and ``cached_images``
+    ``seconds_per_image``), ``images`` (path, defect type, image score of every map, and ``additivity``: the
+    image's game's additivity at each region scale, :class:`shapjax.ShapleyResult`, None without Shapley maps
+    or for an entry cached before it was recorded) and ``cached_images``
     (how many came from the cache).
   """
   names = list(dict.fromkeys(maps))
   for name in names:
     parse_map_name(name)
+  names = _check_maps_for_model(names, params, default=tuple(maps) == DEFAULT_MAPS)
   settings = MapSettings(n_perm=int(n_perm), regions=regions, baseline=baseline, estimator=estimator,
                          sigma=float(sigma), seed=int(seed))
   sampling.check_counts(max(settings.regions), settings.n_perm, sampling.DEFAULT_BATCH_SIZE, estimator)
@@ -354,6 +420,7 @@ def evaluate(
 
   image_maps = {name: [] for name in names}
   seconds = {name: [] for name in names}
+  additivity = {}  # image index -> the game's additivity at each scale (None without Shapley maps)
   cached = 0
   # Several processes: each takes every n-th image (all defect types on every host) and the maps are gathered.
   iterator = mine = indices[jax.process_index()::jax.process_count()]
@@ -375,15 +442,18 @@ def evaluate(
         _save_parts(path, parts)
     else:
       cached += 1
+    # Entries cached before the additivity was recorded lack it: None, not a recomputation.
+    additivity[index] = [_finite_or_none(parts.get(f"additivity_{k}")) for k in range(len(settings.regions))]
     for name in names:
       image_maps[name].append(anomaly_map(name, parts, settings=settings, seed=settings.seed + index))
       cost = float(parts["residual_seconds"])
-      if parse_map_name(name)[0] != "residual":
+      if _needs_shapley([name]):
         cost += float(parts["shapley_seconds"])
       seconds[name].append(cost)
   if jax.process_count() > 1:
     image_maps, seconds, cached = _gather_processes(names, image_maps, seconds, cached, len(indices),
                                                     params.config.image_shape[:2])
+    additivity = _gather_additivity(additivity, indices, len(settings.regions))
 
   types = [split.defect_types[i] for i in indices]
   labels = np.asarray([t != "good" for t in types], np.int32)
@@ -422,9 +492,27 @@ def evaluate(
       "cached_images": int(cached),
       "maps": results,
       "images": [{"path": split.paths[i], "defect_type": split.defect_types[i],
-                  "scores": {name: float(image_maps[name][j].max()) for name in names}}
+                  "scores": {name: float(image_maps[name][j].max()) for name in names},
+                  "additivity": additivity.get(int(i)) if shapley else None}
                  for j, i in enumerate(indices)],
   }
+
+
+def _finite_or_none(value):
+  return None if value is None or not np.isfinite(float(value)) else float(value)
+
+
+def _gather_additivity(local: dict, indices, n_scales: int) -> dict:
+  """Every process's per-image additivity -> all of them (process ``p`` holds images ``p, p + n, ...``)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n_processes = jax.process_count()
+  n_max = -(-len(indices) // n_processes)
+  array = np.full((n_max, n_scales), np.nan, np.float32)
+  for j, i in enumerate(indices[jax.process_index()::n_processes]):
+    array[j] = [np.nan if v is None else v for v in local.get(int(i), [None] * n_scales)]
+  gathered = np.asarray(multihost_utils.process_allgather(array))  # [processes, n_max, scales]
+  return {int(i): [_finite_or_none(v) for v in gathered[p, j]]
+          for p in range(n_processes) for j, i in enumerate(indices[p::n_processes])}
 
 
 def _gather_processes(names, image_maps, seconds, cached: int, n_images: int, shape):

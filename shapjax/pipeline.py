@@ -102,7 +102,7 @@ def explain_files(
   Raises:
     ValueError: naming the file, for a missing or unreadable image.
   """
-  model.check_params(params)
+  game = attribution.check_game(params)  # an autoencoder's reconstruction game, an inpainter's inpainting game
   paths = [Path(p) for p in paths]
   if not paths:
     raise ValueError("no images to explain")
@@ -137,8 +137,11 @@ def explain_files(
         "n_regions": n_regions,
         "n_perm": int(n_perm),
         "n_evals": int(result.n_evals),
+        # How close this image's game is to additive (1: each region acts alone; see ShapleyResult).
+        "additivity": None if not np.isfinite(float(result.additivity)) else float(result.additivity),
         "seconds": round(seconds, 3),
-        "baseline": baseline,
+        "game": game,
+        "baseline": baseline if game == "reconstruction" else None,
         "compactness": float(compactness),
         "regions_by_value": order,
         "regions": [{"id": r, "value": float(values[r]), "stderr": float(stderr[r]), "pixels": int(sizes[r])}

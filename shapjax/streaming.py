@@ -65,7 +65,8 @@ def attribute_dataset(
     baseline: str | float | ArrayLike = masking.DEFAULT_BASELINE,
     blur_sigma: float = masking.DEFAULT_BLUR_SIGMA,
     batch_size: int | None = None,
-    estimator: str = sampling.DEFAULT_ESTIMATOR,
+    estimator: str | None = None,
+    index=sampling.DEFAULT_INDEX,
     n_workers: int | None = None,
     segment_options: dict | None = None,
 ) -> DatasetAttribution:
@@ -98,7 +99,9 @@ def attribute_dataset(
       ``f32[H, W, C]`` array for all images).
     blur_sigma: Gaussian sigma for ``baseline="blur"``.
     batch_size: composites per autoencoder call (default: 16 on CPU, 64 elsewhere).
-    estimator: ``"permutation"``, ``"antithetic"``, ``"stratified"`` or ``"kernel"``.
+    estimator: as in :func:`shapjax.attribute` (None: the index's default).
+    index: ``"shapley"`` (default), ``"banzhaf"``, ``"loo"`` or ``("beta", alpha, beta)``, as in
+      :func:`shapjax.attribute`.
     n_workers: segmentation threads (default: the CPU count).
     segment_options: more arguments for :func:`shapjax.segment` (``n_segments``, ``compactness``, ``sigma``).
 
@@ -143,7 +146,7 @@ def attribute_dataset(
     stacked = np.stack(arrays)
     host = np.asarray(attribution.prepare(params, stacked, np.zeros(stacked.shape[:3], np.int32), n_perm,
                                           batched=True, max_regions=max_regions, batch_size=batch_size,
-                                          estimator=estimator).images)
+                                          estimator=estimator, index=index).images)
     labels = segmentation.segment_batch(host, max_regions=int(max_regions), n_workers=n_workers,
                                         **segment_options)
     return devices.pad_rows(host, batch), devices.pad_rows(labels, batch), len(chunk)
@@ -175,13 +178,14 @@ def attribute_dataset(
       template = template or (host, labels)
       if options is None:  # the baseline and options, checked once against the first image
         first = attribution.prepare(params, host[0], labels[0], n_perm, baseline=baseline, blur_sigma=blur_sigma,
-                                    max_regions=max_regions, batch_size=batch_size, estimator=estimator)
+                                    max_regions=max_regions, batch_size=batch_size, estimator=estimator,
+                                    index=index)
         options, baseline_array = first.options, first.baseline
         if mesh is not None and baseline_array is not None:
           baseline_array = devices.replicate(baseline_array, mesh)
       # Several hosts: this host's rows start after those of the hosts before it.
-      index = offset if mesh is None else offset * jax.process_count() + jax.process_index() * batch
-      result = attribution.run_images(params, host, labels, key, offset=index, baseline_array=baseline_array,
+      first_row = offset if mesh is None else offset * jax.process_count() + jax.process_index() * batch
+      result = attribution.run_images(params, host, labels, key, offset=first_row, baseline_array=baseline_array,
                                       options=options, mesh=mesh)  # asynchronous
       nxt = pool.submit(lambda: next((prepare(chunk) for chunk in chunks), None))  # overlaps the device work
       result = jax.tree.map(lambda x: devices.local_rows(x)[:n_real], result)  # blocks on batch k

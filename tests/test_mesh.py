@@ -80,7 +80,8 @@ def test_images_not_divisible_by_the_device_count_are_padded(params, images, lab
 def _lowered_images_program(params, images, labels, mesh):
   options = attribution.prepare(params, images, labels, 4, batched=True, **OPTIONS).options
   return attribution._images_program.lower(params, jnp.asarray(images), jnp.asarray(labels), jax.random.key(0),
-                                           jnp.int32(0), None, options=options, mesh=mesh).as_text()
+                                           jnp.arange(len(images), dtype=jnp.int32), None, options=options,
+                                           mesh=mesh).as_text()
 
 
 def test_images_program_needs_no_communication(params, images, labels, mesh):
