@@ -273,6 +273,7 @@ def test_every_estimator_at_the_default_64_regions(estimator, image_64):
   assert np.all(np.isfinite(np.asarray(on_mesh.values)))
 
 
+@pytest.mark.slow
 def test_attribute_stops_on_tolerance(key):
   params = shapjax.init_autoencoder((16, 16, 1), key=key, config=shapjax.AutoencoderConfig.tiny((16, 16, 1)))
   image = np.asarray(jax.random.uniform(jax.random.key(3), (16, 16, 1)))

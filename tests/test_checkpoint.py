@@ -26,6 +26,7 @@ def params():
   return shapjax.init_autoencoder(config=config, key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_round_trip_gives_identical_attributions(params, tmp_path, key):
   path = shapjax.save(params, tmp_path / "ae")
   loaded = shapjax.load(path)

@@ -137,7 +137,8 @@ def _kernel_shapley(key, *, n_players):
   return sampling.shapley_values(value_fn, n_players, 32, key=key, estimator="kernel").values
 
 
-@pytest.mark.parametrize("n_players", [8, 12, 64])
+@pytest.mark.parametrize("n_players", [8, pytest.param(12, marks=pytest.mark.slow),
+                                       pytest.param(64, marks=pytest.mark.slow)])
 def test_a_program_the_options_fail_falls_back_to_xla_defaults(n_players, count_compiles):
   tuned = functools.partial(speedups.jit_forward, static_argnames=("n_players",))(_kernel_shapley)
   expected = jax.jit(_kernel_shapley, static_argnames=("n_players",))(jax.random.key(0), n_players=n_players)

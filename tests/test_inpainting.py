@@ -127,6 +127,7 @@ def test_config_round_trip_and_checks():
 
 # --- training and checkpoints ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_save_and_load_an_inpainter(images, tmp_path, key):
   # The quick tier's one trained inpainter: train() dispatches on the config, the checkpoint records the kind.
   params = shapjax.train(_train_config(steps=3, checkpoint_every=3), images, key=key, progress=False,

@@ -155,6 +155,7 @@ def test_game_must_fit_the_model(params, image):
   assert attribution.check_game(params) == "inpainting"
 
 
+@pytest.mark.slow
 def test_batch_and_mesh_equal_one_image_at_a_time(params, image):
   images = np.stack([image, image[::-1], image[:, ::-1]])
   labels = np.stack([LABELS, stripes_labels(SIZE, SIZE, 3), LABELS])

@@ -122,7 +122,7 @@ def test_uneven_permutation_split_is_named(params, images, labels, mesh):
     shapjax.attribute(params, images[0], labels[0], 6, mesh=mesh, **OPTIONS)
 
 
-@pytest.mark.parametrize("use_mesh", [False, True])
+@pytest.mark.parametrize("use_mesh", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_dataset_equals_attribute_batch_with_one_program_for_all_batches(params, images, labels, mesh, one_device,
                                                                          use_mesh):
   before = attribution._images_program.cache_size()

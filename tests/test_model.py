@@ -58,6 +58,7 @@ class _PlainFlaxAutoencoder(nn.Module):
     return nn.Conv(channels, (3, 3))(x)
 
 
+@pytest.mark.slow
 def test_params_are_those_of_plain_flax_convolutions():
   config = shapjax.AutoencoderConfig((24, 24, 3), features=(8, 16, 24), latent_features=8)
   params = shapjax.init_autoencoder(config=config, key=jax.random.key(7))

@@ -157,6 +157,7 @@ def test_one_active_player_is_exact(key, estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.slow
 def test_same_key_same_result_whatever_the_batch_size(key, estimator):
   results = [shapjax.shapley_values(RANDOM[0], N, 32, key=key, batch_size=b, estimator=estimator)
              for b in (1, 256)]

@@ -51,6 +51,7 @@ def test_dense_bottleneck_is_refused():
     torch_reference.TorchAutoencoder(config)
 
 
+@pytest.mark.slow
 def test_shapley_values_match_for_same_permutations(key):
   estimator = "antithetic"
   image_shape, max_regions, n_regions, n_perm = (24, 24, 3), 8, 6, 6
