@@ -22,3 +22,24 @@ def stripes_labels(height: int, width: int, n_regions: int) -> np.ndarray:
   """A label map of ``n_regions`` vertical stripes (consecutive ids)."""
   return np.minimum(np.arange(width) * n_regions // width, n_regions - 1)[None, :].repeat(height, 0).astype(
       np.int32)
+
+
+# Parametrized tests whose cases repeat one piece of logic over many estimators, indices or games: the quick tier
+# (-m "not slow") runs the first case of each, the full run every case.
+FIRST_CASE_QUICK = {
+    "test_estimators_converge_to_the_exact_values", "test_additive_games_are_exact", "test_one_active_player_is_exact",
+    "test_estimators_converge_to_the_exact_semivalues", "test_additivity_is_one_on_additive_games",
+    "test_padding_players_are_exactly_zero_and_cost_nothing", "test_additivity_falls_as_interactions_grow",
+    "test_devices_merge_to_the_one_device_estimate", "test_same_key_same_result_whatever_the_batch_size",
+}
+
+
+def pytest_collection_modifyitems(items):
+  seen = set()
+  for item in items:
+    name = getattr(item, "originalname", item.name)
+    if name in FIRST_CASE_QUICK and getattr(item, "callspec", None) is not None:
+      key = (item.module.__name__, name)
+      if key in seen:
+        item.add_marker(pytest.mark.slow)
+      seen.add(key)
