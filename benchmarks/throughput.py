@@ -15,6 +15,9 @@ its compile/warm-up time and the median of the other rounds as its steady-state 
   torch.compile'd model, (c) captum ShapleyValueSampling (eager and torch.compile) at several
   ``perturbations_per_eval``; evaluations/s, ratios to shapjax, useful GFLOP/s and share of the ceiling;
 * agreement: every sampler on the same permutations gives the same Shapley values;
+* inpainting: the same comparison (shapjax, hand-batched sampler eager and torch.compile, captum eager and
+  torch.compile) for the inpainting game of the inpainting U-Net (``--inpaint-shape``, default a 160x64 grey
+  image, ``--inpaint-regions``), with its agreement check and the bars shapjax must clear (PASS / FAIL);
 * train: steps/s of forward + backward + Adam, optax vs PyTorch eager and torch.compile;
 * memory: peak RSS of ``attribute`` with a small and a large ``n_perm``, each in a fresh process;
 * cold start: a new process to its first ``attribute`` result, without and with a persistent compilation cache.
@@ -115,15 +118,19 @@ def _child_cold(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Shared inputs.
 
-def _make_image(size: int, seed: int = 0):
-  """A textured 'normal' image with a small bright scratch: deterministic, no data files needed."""
+def _make_image(size: int, seed: int = 0, *, shape: tuple[int, int, int] | None = None):
+  """A textured 'normal' image with a small bright scratch: deterministic, no data files needed.
+
+  ``f32[size, size, 3]``, or ``f32[H, W, C]`` for ``shape=(H, W, C)``.
+  """
   import numpy as np
   from scipy import ndimage
 
+  height, width, channels = shape or (size, size, 3)
   rng = np.random.default_rng(seed)
-  noise = ndimage.gaussian_filter(rng.random((size, size, 3)), sigma=(3, 3, 0))
+  noise = ndimage.gaussian_filter(rng.random((height, width, channels)), sigma=(3, 3, 0))
   image = (noise - noise.min()) / (np.ptp(noise) + 1e-9)
-  image[size // 3:size // 3 + 3, size // 4:size // 2] = 1.0
+  image[height // 3:height // 3 + 3, width // 4:width // 2] = 1.0
   return image.astype(np.float32)
 
 
@@ -240,6 +247,33 @@ def model_flops(config) -> float:
   return flops
 
 
+def inpainter_flops(config) -> float:
+  """Multiply-adds x 2 of one forward pass of the shapjax inpainting U-Net (convolutions only)."""
+  height, width, channels = config.image_shape
+  stride = config.stride
+  h = -(-height // stride) * stride
+  w = -(-width // stride) * stride
+  previous = channels + 1 + (channels if config.context == "lowres" else 0)
+  skips = [previous]
+  flops = 0.0
+  for features in config.features:
+    h, w = h // 2, w // 2
+    flops += 2 * h * w * 9 * previous * features
+    previous = features
+    skips.append(features)
+  flops += 2 * (2 * h * w * 9 * previous * previous)
+  for features, skip in zip(config.features[-2::-1], skips[-2:0:-1]):
+    flops += 2 * h * w * 9 * previous * 4 * features  # conv at low resolution, then depth-to-space
+    h, w = 2 * h, 2 * w
+    flops += 2 * h * w * 9 * (features + skip) * features
+    previous = features
+  last = max(config.features[0] // 2, channels)
+  flops += 2 * h * w * 9 * previous * 4 * last
+  h, w = 2 * h, 2 * w
+  flops += 2 * h * w * 9 * (last + skips[0]) * channels
+  return flops
+
+
 def forward_section(args, params, module, compiled, image, batch, rounds, device) -> list:
   import jax
   import jax.numpy as jnp
@@ -349,6 +383,123 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   agreement["max_abs_value"] = scale
 
   return methods, agreement
+
+
+def inpainting_section(args, device) -> dict:
+  """shapjax's inpainting game against the PyTorch samplers on the same inpainter, image and regions.
+
+  The PyTorch side plays ``torch_reference.inpainting_game``: both samplers get the image ``1`` and the baseline
+  ``0`` of one channel, so their composites (captum's perturbed inputs too) are the coalitions' visibility masks.
+
+  Returns:
+    ``{"methods": [...], "flops": ..., "agreement": {...}, ...}`` with the timed methods (matrix products
+    included) for :func:`_rate_rows`.
+  """
+  import jax
+  import numpy as np
+  import torch
+
+  import shapjax
+  from benchmarks import torch_reference
+  from shapjax import sampling
+
+  params = shapjax.init_inpainter(args.inpaint_shape, key=jax.random.key(0), context=args.inpaint_context)
+  config = params.config
+  image = _make_image(args.inpaint_shape[0], shape=args.inpaint_shape)
+  max_regions = args.inpaint_regions
+  labels = _make_labels(image, max_regions)
+  n_regions = int(np.max(labels)) + 1
+  key = jax.random.key(1)
+  n_perm = args.n_perm
+
+  module = torch_reference.torch_inpainter(params, device=device)
+  compiled = torch.compile(module)
+  t_image = torch_reference.to_nchw(image, device)
+  ones, zeros = torch_reference.inpainting_inputs(t_image)
+  t_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+  ranks = torch_reference.shapjax_ranks(key, n_perm, max_regions, n_regions)
+  t_ranks = torch.as_tensor(ranks, device=device)
+  orders = torch_reference.permutation_orders(ranks, n_regions)
+
+  def run_shapjax(batch_size=args.batch_size, mesh=None):
+    return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
+                             batch_size=batch_size, game="inpainting", mesh=mesh)
+
+  def run_torch(net, batch_size):
+    return torch_reference.torch_permutation_shapley(torch_reference.inpainting_game(net, t_image), ones, t_labels,
+                                                     zeros, t_ranks, n_regions, batch_size=batch_size)
+
+  def run_captum(net, ppe, given=None):
+    return torch_reference.captum_shapley(torch_reference.inpainting_game(net, t_image), ones, t_labels, zeros,
+                                          n_perm, perturbations_per_eval=ppe, orders=given)
+
+  n_evals_shapjax = n_perm * (n_regions - 1) + 2
+  n_evals_captum = 1 + n_perm * n_regions
+  methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
+                     n_evals=n_evals_shapjax, kind="attribution")]
+  n_devices = jax.device_count()
+  if n_devices > 1:
+    mesh = shapjax.make_mesh()
+    sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
+
+    def run_sharded():
+      return run_shapjax(sharded_batch_size, mesh)
+
+    methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
+                              _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
+  for bs in args.torch_batch_sizes:
+    methods.append(_Method(f"torch sampler eager (batch {bs})", _torch_sync(lambda bs=bs: run_torch(module, bs),
+                                                                              device),
+                           n_evals=n_evals_shapjax, kind="attribution"))
+    methods.append(_Method(f"torch sampler compile (batch {bs})",
+                           _torch_sync(lambda bs=bs: run_torch(compiled, bs), device),
+                           n_evals=n_evals_shapjax, kind="attribution"))
+  for ppe in args.captum_ppe:
+    methods.append(_Method(f"captum eager (ppe {ppe})", _torch_sync(lambda ppe=ppe: run_captum(module, ppe), device),
+                           n_evals=n_evals_captum, kind="attribution"))
+    methods.append(_Method(f"captum compile (ppe {ppe})",
+                           _torch_sync(lambda ppe=ppe: run_captum(compiled, ppe), device),
+                           n_evals=n_evals_captum, kind="attribution"))
+  methods += matmul_methods(args.matmul_size)
+  _interleave(methods, args.rounds)
+
+  # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
+  reference = np.asarray(run_shapjax().values)
+  scale = float(np.abs(reference).max())
+  agreement = {}
+  if n_devices > 1:
+    agreement["shapjax sharded"] = float(np.abs(np.asarray(run_sharded().values) - reference).max() / scale)
+  for name, values in [
+      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
+      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
+      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
+  ]:
+    values = values.detach().cpu().numpy()
+    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
+  agreement["max_abs_value"] = scale
+  return {"methods": methods, "flops": inpainter_flops(config), "agreement": agreement, "config": config.to_dict(),
+          "regions": n_regions, "max_regions": max_regions, "n_perm": n_perm}
+
+
+# The bars the inpainting section must clear: (label, rows compared with, least speed-up of shapjax).
+INPAINTING_BARS = (("captum + torch.compile", "captum compile", 1.2),
+                   ("hand-batched sampler, eager", "torch sampler eager", 1.0))
+
+
+def inpainting_bars(methods) -> list[dict]:
+  """Each bar of :data:`INPAINTING_BARS` against the fastest of its rows (any batch size or ppe).
+
+  shapjax is its first (reference) row: the mesh row with ``--cpu-devices``, else the one-device row.
+  """
+  rate = lambda m: m.n_evals / m.steady
+  shapjax_rate = rate(methods[0])
+  bars = []
+  for label, prefix, least in INPAINTING_BARS:
+    best = max((m for m in methods if m.name.startswith(prefix)), key=rate)
+    speedup = shapjax_rate / rate(best)
+    bars.append({"bar": f"shapjax >= {least:.1f}x {label}", "against": best.name, "least": least,
+                 "speedup": speedup, "pass": bool(speedup >= least)})
+  return bars
 
 
 def adam_step(config, optimizer, mesh=None):
@@ -519,8 +670,13 @@ def main(argv=None) -> None:
                       help="shapjax batch_size (composites per call; default: shapjax's, 16 on CPU, 64 elsewhere)")
   parser.add_argument("--torch-batch-sizes", default="16,64", help="batch sizes of the hand-batched torch sampler")
   parser.add_argument("--rounds", type=int, default=None, help="steady-state rounds per method")
-  parser.add_argument("--sections", default="forward,attribution,train,memory,cold",
-                      help="comma-separated subset of forward,attribution,train,memory,cold")
+  parser.add_argument("--sections", default="forward,attribution,inpainting,train,memory,cold",
+                      help="comma-separated subset of forward,attribution,inpainting,train,memory,cold")
+  parser.add_argument("--inpaint-shape", default="160,64,1",
+                      help="H,W,C of the inpainting section's image and inpainter (default features)")
+  parser.add_argument("--inpaint-regions", type=int, default=32, help="max_regions of the inpainting section")
+  parser.add_argument("--inpaint-context", default="none", choices=("none", "lowres"),
+                      help="the inpainter's context (see shapjax.InpainterConfig)")
   parser.add_argument("--matmul-size", type=int, default=None,
                       help="side of the matrix product that measures the ceiling (default 2048; --quick 1024)")
   parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<backend>.json)")
@@ -556,6 +712,7 @@ def main(argv=None) -> None:
   args.train_batch = 8 if args.quick else 16
   args.matmul_size = args.matmul_size or (1024 if args.quick else 2048)
   args.train_steps = 2 if args.quick else 3
+  args.inpaint_shape = tuple(int(n) for n in args.inpaint_shape.split(","))
   sections = set(args.sections.split(","))
 
   import jax
@@ -620,6 +777,24 @@ def main(argv=None) -> None:
     print("\nAgreement with shapjax on the same permutations (max |difference| / max |value|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items() if k != "max_abs_value"), flush=True)
     print_ceiling("attribution", methods)
+  if "inpainting" in sections:
+    section = inpainting_section(args, device)
+    methods = section.pop("methods")
+    rows, records = _rate_rows(methods, methods[0], section["flops"], "evals")
+    bars = inpainting_bars([m for m in methods if m.kind != "matmul"])
+    report["inpainting"] = {**section, "methods": records, "bars": bars}
+    height, width, channels = args.inpaint_shape
+    print(f"\n## Inpainting game: {height}x{width}x{channels} inpainter (context {args.inpaint_context!r}, "
+          f"{section['flops'] / 1e9:.3f} GFLOP per image), n_perm {section['n_perm']}, {section['regions']} regions "
+          f"(max_regions {section['max_regions']})\n")
+    print(_table(["method", "first call s", "steady s", "evals/s", "shapjax speed-up", "GFLOP/s", "of ceiling"],
+                 rows))
+    print()
+    print(_table(["bar", "fastest PyTorch row", "shapjax speed-up", "result"],
+                 [[b["bar"], b["against"], f"{b['speedup']:.2f}x", "PASS" if b["pass"] else "FAIL"] for b in bars]))
+    print("\nAgreement with shapjax on the same permutations (max |difference| / max |value|): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in section["agreement"].items() if k != "max_abs_value"), flush=True)
+    print_ceiling("inpainting", methods)
   if "train" in sections:
     methods = train_section(args, params, image, device)
     rows, report["train"] = _rate_rows(methods, methods[0], 3 * flops * args.train_batch, "steps")

@@ -1,4 +1,4 @@
-"""PyTorch twins of the shapjax autoencoder and permutation sampler, for benchmarks and cross-checks.
+"""PyTorch twins of the shapjax autoencoder, inpainter and permutation sampler, for benchmarks and cross-checks.
 
 * :class:`TorchAutoencoder` is ``shapjax.model._Autoencoder`` in NCHW, and :func:`torch_autoencoder` copies
   the weights of an :class:`shapjax.AutoencoderParams` into it. Two details make the outputs equal, not just
@@ -11,6 +11,12 @@
   of coalitions that already hold every active region.
 * :func:`captum_shapley` runs captum's ``ShapleyValueSampling`` on the same model, image and baseline,
   optionally with given permutations (for the agreement check).
+* :class:`TorchInpainter` is ``shapjax.inpainting._UNet`` in NCHW (contexts ``"none"`` and ``"lowres"``), and
+  :func:`torch_inpainter` copies the weights of an :class:`shapjax.InpainterParams` into it, with the same two
+  conversions as the autoencoder's. :func:`inpainting_game` is ``shapjax.inpainted_value_fn`` of that module
+  as a function of pixel visibility masks; both samplers above play it unchanged, given the image ``1`` and the
+  baseline ``0`` of one channel: their composites, and captum's perturbed inputs, are then exactly the
+  coalitions' visibility masks.
 
 Nothing here is imported by the library; only ``benchmarks/`` and ``tests/test_torch_crosscheck.py`` use it.
 """
@@ -164,9 +170,11 @@ def shapjax_ranks(key, n_perm: int, max_regions: int, n_regions: int, *, estimat
 
   from shapjax import sampling
 
-  active = jnp.arange(max_regions) < n_regions
-  ranks = jax.vmap(lambda i: sampling.permutation_ranks(key, i, active, estimator))(jnp.arange(n_perm))
-  return np.asarray(ranks, np.int64)
+  @jax.jit  # one compiled program, not one per primitive: seconds less in the tests
+  def draw(key, active):
+    return jax.vmap(lambda i: sampling.permutation_ranks(key, i, active, estimator))(jnp.arange(n_perm))
+
+  return np.asarray(draw(key, jnp.arange(max_regions) < n_regions), np.int64)
 
 
 def permutation_orders(ranks, n_regions: int) -> list[list[int]]:
@@ -204,3 +212,131 @@ def captum_shapley(forward_fn, image: torch.Tensor, labels: torch.Tensor, baseli
   first_pixel = torch.stack([torch.nonzero(flat_labels == r)[0, 0] for r in range(n_regions)])
   values = attributions[0, 0].reshape(-1)[first_pixel]
   return values, 1 + n_perm * n_regions
+
+
+
+class TorchInpainter(nn.Module):
+  """The shapjax inpainting U-Net in PyTorch, NCHW, float32 (contexts ``"none"`` and ``"lowres"``)."""
+
+  def __init__(self, config):
+    super().__init__()
+    if config.context not in ("none", "lowres"):
+      raise ValueError(f"no PyTorch twin for context={config.context!r}")
+    self.config = config
+    channels = config.image_shape[-1]
+    previous = channels + 1 + (channels if config.context == "lowres" else 0)
+    skip_channels = [previous]
+    self.encoder = nn.ModuleList()
+    for features in config.features:
+      self.encoder.append(nn.Conv2d(previous, features, 3, stride=2, padding=0))
+      previous = features
+      skip_channels.append(features)
+    self.middle = nn.ModuleList([nn.Conv2d(previous, previous, 3, padding=1) for _ in range(2)])
+    self.up = nn.ModuleList()
+    self.mix = nn.ModuleList()
+    for features, skip in zip(config.features[-2::-1], skip_channels[-2:0:-1]):
+      self.up.append(nn.Conv2d(previous, 4 * features, 3, padding=1))
+      self.mix.append(nn.Conv2d(features + skip, features, 3, padding=1))
+      previous = features
+    last = max(config.features[0] // 2, channels)
+    self.up.append(nn.Conv2d(previous, 4 * last, 3, padding=1))
+    self.head = nn.Conv2d(last + skip_channels[0], channels, 3, padding=1)
+
+  def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The predicted whole image ``f32[N, C, H, W]`` from ``images: f32[N, C, H, W]``, ``visible: f32[N, H, W]``."""
+    height, width = images.shape[-2:]
+    stride = self.config.stride
+    pad = (0, -width % stride, 0, -height % stride)
+    visible = visible[:, None]
+    x = torch.cat([images * visible, visible], dim=1)
+    if any(pad):
+      x = F.pad(x, pad, mode="replicate")
+    if self.config.context == "lowres":
+      padded = F.pad(images, pad, mode="replicate") if any(pad) else images
+      pooled = F.avg_pool2d(padded, stride)
+      x = torch.cat([x, pooled.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)], dim=1)
+    skips = [x]
+    for conv in self.encoder:
+      x = F.relu(conv(F.pad(x, (0, 1, 0, 1))))  # flax SAME, stride 2, even size: pad (0, 1)
+      skips.append(x)
+    for conv in self.middle:
+      x = F.relu(conv(x))
+    for up, mix, skip in zip(self.up, self.mix, skips[-2:0:-1]):
+      x = F.relu(mix(torch.cat([F.relu(F.pixel_shuffle(up(x), 2)), skip], dim=1)))
+    x = torch.cat([F.relu(F.pixel_shuffle(self.up[-1](x), 2)), skips[0]], dim=1)
+    x = torch.sigmoid(self.head(x))
+    return x[..., :height, :width]
+
+
+def torch_inpainter(params, *, device: str | torch.device = "cpu") -> TorchInpainter:
+  """A :class:`TorchInpainter` holding the weights of shapjax ``params`` (in eval mode, no grad needed).
+
+  Args:
+    params: :class:`shapjax.InpainterParams`.
+    device: where the module lives.
+
+  Returns:
+    The PyTorch module; ``module(x_nchw, visible)`` equals ``shapjax.inpainting.predict(params, x_nhwc,
+    visible)`` transposed, and :func:`inpaint` of it equals ``shapjax.inpaint``.
+  """
+  config = params.config
+  module = TorchInpainter(config)
+  # Flax numbers the convolutions in call order: encoder, middle, then (up, mix) per level, last up, head.
+  decoder = [layer for pair in zip(module.up, module.mix) for layer in pair] + [module.up[-1]]
+  targets = list(module.encoder) + list(module.middle) + decoder + [module.head]
+  weights = params.weights
+  if sorted(weights) != sorted(f"Conv_{i}" for i in range(len(targets))):
+    raise ValueError(f"expected {len(targets)} conv layers Conv_0.., got {sorted(weights)}")
+  ups = {id(layer) for layer in module.up}
+  with torch.no_grad():
+    for index, target in enumerate(targets):
+      shuffle_out = target.out_channels // 4 if id(target) in ups else None
+      kernel, bias = _conv_weights(weights[f"Conv_{index}"], shuffle_out=shuffle_out)
+      if tuple(kernel.shape) != tuple(target.weight.shape):
+        raise ValueError(f"Conv_{index}: kernel {kernel.shape} does not fit {tuple(target.weight.shape)}")
+      target.weight.copy_(torch.tensor(kernel))
+      target.bias.copy_(torch.tensor(bias))
+  return module.to(device).eval()
+
+
+def inpaint(module: nn.Module, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+  """``shapjax.inpaint`` in PyTorch: visible pixels as given, hidden ones predicted, ``f32[N, C, H, W]``."""
+  mask = visible[:, None]
+  return images * mask + module(images, visible) * (1.0 - mask)
+
+
+def inpainting_game(module: nn.Module, image: torch.Tensor):
+  """``shapjax.inpainted_value_fn`` of a PyTorch inpainter, as a function of pixel visibility masks.
+
+  ``v(S) = -(1 / (H * W)) * sum over hidden pixels of the mean over channels of (inpaint - image) ** 2``.
+  Coalitions come in as masks ``f32[B, 1, H, W]`` (1 where visible), the composites that
+  :func:`torch_permutation_shapley` and :func:`captum_shapley` build from the image ``ones(1, H, W)`` and the
+  baseline ``zeros(1, H, W)``; see :func:`inpainting_inputs`.
+
+  Args:
+    module: e.g. :func:`torch_inpainter` (or a ``torch.compile`` of it): ``(images, visible) -> prediction``.
+    image: ``f32[C, H, W]``.
+
+  Returns:
+    ``value_fn(masks: f32[B, 1, H, W]) -> f32[B]``.
+  """
+  height, width = image.shape[-2:]
+
+  def value_fn(masks: torch.Tensor) -> torch.Tensor:
+    visible = masks[:, 0]
+    images = image[None].expand(visible.shape[0], *image.shape)
+    error = torch.mean(torch.square(module(images, visible) - images), dim=1)
+    # As shapjax: only hidden pixels count (inpaint() keeps visible ones, so their error is 0 there anyway).
+    return -torch.sum(torch.where(visible > 0, 0.0, error), dim=(1, 2)) / (height * width)
+
+  return value_fn
+
+
+def inpainting_inputs(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """``(ones f32[1, H, W], zeros f32[1, H, W])``: the "image" and "baseline" whose composites are the masks.
+
+  With them, ``mask * ones + (1 - mask) * zeros`` is the coalition's visibility mask, so the samplers'
+  perturbation (captum's included: kept features take the input, the others the baseline) is the coalition.
+  """
+  ones = torch.ones((1, *image.shape[-2:]), dtype=image.dtype, device=image.device)
+  return ones, torch.zeros_like(ones)

@@ -364,8 +364,11 @@ def _add_evaluate(subparsers) -> None:
   parser.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder in the MVTec AD layout")
   parser.add_argument("--checkpoint", required=True, metavar="CKPT_DIR", help="a checkpoint folder")
   parser.add_argument("--maps", default=_joined(evaluation.DEFAULT_MAPS), metavar="M1,M2,...",
-                      help=f"maps from {_joined(evaluation.BASE_MAPS)}; Shapley maps may end in :constant or "
-                      f":shuffled (ablations). Default {_joined(evaluation.DEFAULT_MAPS)}")
+                      help=f"an autoencoder's maps from {_joined(evaluation.BASE_MAPS)} (default "
+                      f"{_joined(evaluation.DEFAULT_MAPS)}); an inpainter's inpaint_grid, inpaint_<index>, "
+                      f"inpaint_grid_x_<index> with index shapley, banzhaf, loo or beta_A_B, and residual with "
+                      f"--reference (default {_joined(evaluation.INPAINT_DEFAULT_MAPS)}); Shapley and game maps may "
+                      f"end in :constant or :shuffled (ablations)")
   parser.add_argument("--n-perm", type=_positive_int, default=evaluation.DEFAULT_N_PERM, metavar="N",
                       help=f"permutations per image (even; default {evaluation.DEFAULT_N_PERM})")
   parser.add_argument("--regions", default=_joined(evaluation.DEFAULT_REGIONS), metavar="R[,R2]",
@@ -378,6 +381,9 @@ def _add_evaluate(subparsers) -> None:
                       help="a fixed stratified subset of about K test images (default: all)")
   parser.add_argument("--json", required=True, metavar="OUT.json", help="results file (created)")
   parser.add_argument("--figures", default=None, metavar="DIR", help="write DIR/overlays.png")
+  parser.add_argument("--reference", default=None, metavar="AE_DIR",
+                      help="with an inpainter checkpoint: an autoencoder checkpoint at the same image size whose "
+                      "residual map is scored beside the inpainter's maps")
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="per-image cache folder (default: OUT.json's folder/.shapjax_cache)")
   parser.add_argument("--seed", type=int, default=seed, metavar="K", help=f"PRNG seed (default {seed})")
@@ -401,9 +407,10 @@ def _run_evaluate(args) -> int:
     raise _UsageError(f"--maps: {error}") from None
   cache = Path(args.cache) if args.cache else Path(args.json).absolute().parent / ".shapjax_cache"
   params = shapjax.load(args.checkpoint)
+  reference = shapjax.load(args.reference) if args.reference else None
   result = shapjax.evaluate(params, args.data_dir, maps=maps, n_perm=args.n_perm, regions=regions,
                             baseline=args.baseline, seed=args.seed, limit=args.limit, cache_dir=cache,
-                            figures_dir=args.figures, progress=not args.quiet)
+                            figures_dir=args.figures, reference=reference, progress=not args.quiet)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:  # every process has the whole result: one of them writes it
     print(evaluation.format_table(result))
@@ -465,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
       from shapjax import devices  # pylint: disable=g-import-not-at-top
       devices.initialize_processes(args.coordinator, args.num_processes if all(given) else None, args.process_id,
                                    heartbeat_timeout=args.heartbeat_timeout)
-    args.num_processes = jax.process_count()
+    if jax.distributed.is_initialized():  # jax.process_count() would start the backend: --devices must come first
+      args.num_processes = jax.process_count()
     if args.compilation_cache:
       import shapjax  # pylint: disable=g-import-not-at-top
 

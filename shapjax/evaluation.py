@@ -20,15 +20,24 @@ Controls without Shapley values, on the same SLIC regions:
 
 A Shapley map that does not beat its pooled control only re-states the residual.
 
-An inpainter checkpoint (:func:`shapjax.init_inpainter`, ``shapjax train --model inpainting``) has its own maps
-(:data:`INPAINT_MAPS`, its default): ``inpaint_shapley``, the Shapley value of each region in the inpainting
-game (hidden regions inpainted from the visible ones, :func:`shapjax.inpainted_value_fn`) per unit area, as
-``shapley_area``; its controls ``inpaint_loo``, the leave-one-out value (the error of hiding that region alone)
-per unit area, and ``inpaint_grid``, the model's own map without a game: square cells of 8 and 16 px hidden in
-four checkerboard passes per size, each pixel's error from the pass that hid it, averaged over the sizes (as
-RIAD does). The baseline setting does not apply.
+An inpainter checkpoint (:func:`shapjax.init_inpainter`, ``shapjax train --model inpainting``) has its own maps,
+named after the semivalue of the inpainting game (hidden regions inpainted from the visible ones,
+:func:`shapjax.inpainted_value_fn`) they paint, each per unit area as ``shapley_area``:
 
-Any Shapley map name takes an ablation suffix: ``":constant"`` replaces each image's region values by their
+* ``inpaint_shapley``, ``inpaint_banzhaf``, ``inpaint_beta_A_B`` (Beta Shapley with ``alpha = A``,
+  ``beta = B``, e.g. ``inpaint_beta_16_1``, which weights small coalitions of visible regions, or
+  ``inpaint_beta_1_4``, which weights near-full ones): the game maps.
+* ``inpaint_loo``: the leave-one-out value, the error of hiding that region alone (a control: no sampling).
+* ``inpaint_grid``: the model's own map without a game: square cells of 8 and 16 px hidden in four
+  checkerboard passes per size, each pixel's error from the pass that hid it, averaged over the sizes (as RIAD
+  does).
+* ``inpaint_grid_x_<index>`` (e.g. ``inpaint_grid_x_shapley``): the grid map gated by that game map, min-max
+  normalised per image, as ``residual_x_shapley_norm`` gates the residual.
+* ``residual``: with ``reference=`` (an autoencoder at the same image size), that autoencoder's residual map.
+
+The baseline setting does not apply to an inpainter.
+
+Any Shapley or inpainting game map takes an ablation suffix: ``":constant"`` replaces each image's region values by their
 mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
 not use the Shapley values.
 
@@ -42,6 +51,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,19 +66,24 @@ from shapjax import attribution, inpainting, masking, metrics, model, sampling, 
 
 SHAPLEY_MAPS = ("shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
-# An inpainter checkpoint's maps: the inpainting game's Shapley values and leave-one-out values per unit area, and
-# the model's own grid-hiding error (no game): the only maps it has, and its default.
-INPAINT_MAPS = ("inpaint_shapley", "inpaint_loo", "inpaint_grid")
+# An inpainter checkpoint's maps: the inpainting game's semivalues per unit area (``inpaint_<index>``), the grid
+# map gated by them (``inpaint_grid_x_<index>``), the controls ``inpaint_loo`` and ``inpaint_grid`` (no game), and
+# with a reference autoencoder its ``residual``.
+INPAINT_MAPS = ("inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_16_1", "inpaint_beta_1_4", "inpaint_loo",
+                "inpaint_grid", "inpaint_grid_x_shapley")
+"""Examples of an inpainter's map names; any semivalue fits ``inpaint_<index>`` and ``inpaint_grid_x_<index>``."""
+INPAINT_DEFAULT_MAPS = ("inpaint_grid", "inpaint_shapley", "inpaint_loo")
 INPAINT_GRID_CELLS = (8, 16)
-BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS, *INPAINT_MAPS)
-"""Names of the anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
+BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS)
+"""Names of an autoencoder's anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
+_INPAINT_PATTERN = re.compile(r"inpaint_(grid_x_)?(shapley|banzhaf|loo|beta_([0-9.]+)_([0-9.]+))")
 ABLATIONS = ("constant", "shuffled")
 DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
 DEFAULT_N_PERM = 8
 DEFAULT_REGIONS = (32,)
 DEFAULT_BASELINE = "reconstruction"
 DEFAULT_SIGMA = 2.0
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +119,36 @@ class MapSettings:
                        f"got {self.baseline!r}")
 
 
+def _is_inpainter_map(base: str) -> bool:
+  return base == "inpaint_grid" or _INPAINT_PATTERN.fullmatch(base) is not None
+
+
+def map_index(name: str):
+  """The semivalue an inpainter's map paints, in normal form (:func:`shapjax.sampling.check_index`).
+
+  ``"inpaint_shapley"`` -> ``"shapley"``, ``"inpaint_grid_x_beta_16_1:shuffled"`` -> ``("beta", 16.0, 1.0)``;
+  None for ``inpaint_grid`` and an autoencoder's maps.
+
+  Raises:
+    ValueError: naming the map, for Beta parameters that are not positive numbers.
+  """
+  match = _INPAINT_PATTERN.fullmatch(name.partition(":")[0])
+  if match is None:
+    return None
+  if match.group(3) is None:
+    return match.group(2)
+  try:
+    return sampling.check_index(("beta", float(match.group(3)), float(match.group(4))))
+  except ValueError as error:
+    raise ValueError(f"map {name!r}: {error}") from None
+
+
+def index_label(index) -> str:
+  """The name part of a semivalue: ``"shapley"``, ``"banzhaf"``, ``"loo"``, ``("beta", 16, 1)`` -> ``"beta_16_1"``."""
+  index = sampling.check_index(index)
+  return index if isinstance(index, str) else f"beta_{index[1]:g}_{index[2]:g}"
+
+
 def parse_map_name(name: str) -> tuple[str, str | None]:
   """Splits a map name into ``(base, ablation)``: ``"shapley_area:shuffled"`` -> ``("shapley_area", "shuffled")``.
 
@@ -111,27 +156,53 @@ def parse_map_name(name: str) -> tuple[str, str | None]:
     ValueError: naming the map, for an unknown base map or ablation.
   """
   base, _, ablation = name.partition(":")
-  if base not in BASE_MAPS:
-    raise ValueError(f"unknown map {name!r}; choose from {BASE_MAPS} (Shapley maps may end in "
-                     f"{[':' + a for a in ABLATIONS]})")
-  if ablation and (ablation not in ABLATIONS or base not in SHAPLEY_MAPS):
-    raise ValueError(f"unknown ablation in {name!r}: Shapley maps take {[':' + a for a in ABLATIONS]}")
+  if base not in BASE_MAPS and not _is_inpainter_map(base):
+    raise ValueError(f"unknown map {name!r}; an autoencoder has {BASE_MAPS}, an inpainter inpaint_grid, "
+                     f"inpaint_<index> and inpaint_grid_x_<index> with index shapley, banzhaf, loo or beta_A_B (e.g. "
+                     f"{INPAINT_MAPS}); Shapley and inpainting game maps may end in "
+                     f"{[':' + a for a in ABLATIONS]}")
+  map_index(base)
+  game_map = base in SHAPLEY_MAPS or _INPAINT_PATTERN.fullmatch(base) is not None
+  if ablation and (ablation not in ABLATIONS or not game_map):
+    raise ValueError(f"unknown ablation in {name!r}: Shapley and inpainting game maps take "
+                     f"{[':' + a for a in ABLATIONS]}")
   return base, ablation or None
 
 
 def _needs_shapley(names: Sequence[str]) -> bool:
-  return any(parse_map_name(n)[0] not in ("residual", "inpaint_grid") for n in names)
+  """An autoencoder's maps need Shapley values."""
+  return any(parse_map_name(n)[0] != "residual" for n in names)
 
 
-def _check_maps_for_model(names: list[str], params, *, default: bool) -> list[str]:
-  """The map names a model kind has: an inpainter only :data:`INPAINT_MAPS` (its default), an autoencoder
-  all others."""
+def _game_indices(names: Sequence[str]) -> list:
+  """The semivalues an inpainter's maps need, in order, each once."""
+  return list(dict.fromkeys(i for i in (map_index(n) for n in names) if i is not None))
+
+
+def _check_maps_for_model(names: list[str], params, *, default: bool, reference) -> list[str]:
+  """The map names a model kind has: an inpainter its own (:data:`INPAINT_DEFAULT_MAPS` by default, plus the
+  reference's ``residual``), an autoencoder :data:`BASE_MAPS`."""
   inpainter = model.model_kind(params) == "inpainting"
+  if reference is not None:
+    if not inpainter or model.model_kind(reference) != "autoencoder":
+      raise ValueError("reference= is an autoencoder whose residual map an inpainter's evaluation shows beside its "
+                       "own maps; pass it with an inpainter")
+    if tuple(reference.config.image_shape) != tuple(params.config.image_shape):
+      raise ValueError(f"the reference autoencoder takes images of shape {reference.config.image_shape}, the "
+                       f"inpainter {params.config.image_shape}: train both at the same image size")
   if inpainter and default:
-    return list(INPAINT_MAPS)
-  wrong = [n for n in names if (parse_map_name(n)[0] in INPAINT_MAPS) != inpainter]
+    return list(INPAINT_DEFAULT_MAPS) + (["residual"] if reference is not None else [])
+  if inpainter:
+    wrong = [n for n in names if not _is_inpainter_map(parse_map_name(n)[0])
+             and not (n == "residual" and reference is not None)]
+    if "residual" in wrong:
+      raise ValueError("an inpainter's 'residual' map is its reference autoencoder's: pass reference= "
+                       "(shapjax evaluate --reference AE_DIR)")
+  else:
+    wrong = [n for n in names if _is_inpainter_map(parse_map_name(n)[0])]
   if wrong:
-    kind, allowed = ("an inpainter", INPAINT_MAPS) if inpainter else ("an autoencoder", BASE_MAPS[:-3])
+    kind, allowed = (("an inpainter", ("inpaint_grid", "inpaint_<index>", "inpaint_grid_x_<index>"))
+                     if inpainter else ("an autoencoder", BASE_MAPS))
     raise ValueError(f"maps {wrong} are not available for {kind}; choose from {allowed}")
   return names
 
@@ -145,23 +216,29 @@ def _reconstruct_one(params: model.AutoencoderParams, image: jax.Array) -> tuple
 
 
 def image_parts(params: model.AutoencoderParams, image: np.ndarray, *, settings: MapSettings, key: jax.Array,
-                shapley: bool = True) -> dict[str, np.ndarray]:
+                shapley: bool = True, games: Sequence = ("shapley", "loo"),
+                parts: dict | None = None) -> dict[str, np.ndarray]:
   """Everything the maps of one image are built from.
 
   Args:
-    params: the autoencoder.
+    params: the autoencoder or the inpainter.
     image: ``f32[H, W, C]`` at the model's size.
     settings: :class:`MapSettings`.
     key: PRNG key of this image's permutations.
-    shapley: also segment and attribute (else only the residual).
+    shapley: an autoencoder's: also segment and attribute (else only the residual).
+    games: an inpainter's: the semivalues of the inpainting game to compute (``"shapley"``, ``"banzhaf"``,
+      ``("beta", a, b)``, ``"loo"``).
+    parts: an inpainter's: parts computed before (a cache entry); only what they lack is computed.
 
   Returns:
-    ``residual: f32[H, W]`` (unsmoothed), ``residual_seconds``, and with ``shapley``, for each scale ``k``:
-    ``labels_k: i32[H, W]``, ``values_k: f32[max_regions]`` and ``additivity_k`` (the game's additivity,
-    :class:`shapjax.ShapleyResult`), and ``shapley_seconds``.
+    An autoencoder's: ``residual: f32[H, W]`` (unsmoothed), ``residual_seconds``, and with ``shapley``, for each
+    scale ``k``: ``labels_k: i32[H, W]``, ``values_k: f32[max_regions]`` and ``additivity_k`` (the game's
+    additivity, :class:`shapjax.ShapleyResult`), and ``shapley_seconds``. An inpainter's: ``grid: f32[H, W]``
+    (the grid-hiding error, unsmoothed), ``grid_seconds``, ``labels_k``, and per semivalue with label ``L``
+    (:func:`index_label`) ``values_L_k``, ``additivity_L_k`` and ``seconds_L``.
   """
   if model.model_kind(params) == "inpainting":
-    return _inpainter_parts(params, image, settings=settings, key=key, shapley=shapley)
+    return _inpainter_parts(params, image, settings=settings, key=key, games=games, parts=parts)
   start = time.perf_counter()
   image = jnp.asarray(image, jnp.float32)
   reconstruction, residual = jax.block_until_ready(_reconstruct_one(params, image))
@@ -188,27 +265,31 @@ def _grid_error_one(params, image: jax.Array) -> jax.Array:
                                        cell_sizes=INPAINT_GRID_CELLS)
 
 
-def _inpainter_parts(params, image: np.ndarray, *, settings: MapSettings, key: jax.Array,
-                     shapley: bool) -> dict[str, np.ndarray]:
-  """:func:`image_parts` of an inpainter: ``residual`` is the grid-hiding error (the ``inpaint_grid`` map), the
-  values of each scale those of the inpainting game (no baseline), with its leave-one-out values as ``loo_k``."""
-  start = time.perf_counter()
+def _inpainter_parts(params, image: np.ndarray, *, settings: MapSettings, key: jax.Array, games: Sequence,
+                     parts: dict | None = None) -> dict[str, np.ndarray]:
+  """:func:`image_parts` of an inpainter, completing ``parts`` (a cached entry) with what it lacks."""
+  parts = dict(parts or {})
   image = jnp.asarray(image, jnp.float32)
-  grid = jax.block_until_ready(_grid_error_one(params, image))
-  parts = {"residual": np.asarray(grid), "residual_seconds": np.float64(time.perf_counter() - start)}
-  if shapley:
+  if "grid" not in parts:
+    start = time.perf_counter()
+    parts["grid"] = np.asarray(jax.block_until_ready(_grid_error_one(params, image)))
+    parts["grid_seconds"] = np.float64(time.perf_counter() - start)
+  for index in games:
+    label = index_label(index)
+    if f"seconds_{label}" in parts:
+      continue
     start = time.perf_counter()
     for k, max_regions in enumerate(settings.regions):
-      labels = segmentation.segment(np.asarray(image), max_regions=max_regions)
-      result = attribution.attribute(params, image, labels, settings.n_perm, key=jax.random.fold_in(key, k),
-                                     max_regions=max_regions, estimator=settings.estimator, game="inpainting")
-      loo = attribution.attribute(params, image, labels, 1, max_regions=max_regions, index="loo",
-                                  game="inpainting")
-      parts[f"labels_{k}"] = labels
-      parts[f"values_{k}"] = np.asarray(jax.block_until_ready(result.values))
-      parts[f"loo_{k}"] = np.asarray(jax.block_until_ready(loo.values))
-      parts[f"additivity_{k}"] = np.float32(result.additivity)
-    parts["shapley_seconds"] = np.float64(time.perf_counter() - start)
+      if f"labels_{k}" not in parts:
+        parts[f"labels_{k}"] = segmentation.segment(np.asarray(image), max_regions=max_regions)
+      # The Shapley value uses the settings' estimator, other indices their own default; leave-one-out is exact.
+      estimator = settings.estimator if index == "shapley" else None
+      result = attribution.attribute(params, image, parts[f"labels_{k}"], 1 if index == "loo" else settings.n_perm,
+                                     key=jax.random.fold_in(key, k), max_regions=max_regions, estimator=estimator,
+                                     index=index, game="inpainting")
+      parts[f"values_{label}_{k}"] = np.asarray(jax.block_until_ready(result.values))
+      parts[f"additivity_{label}_{k}"] = np.float32(result.additivity)
+    parts[f"seconds_{label}"] = np.float64(time.perf_counter() - start)
   return parts
 
 
@@ -244,8 +325,8 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   """One anomaly map of one image from its parts (:func:`image_parts`).
 
   Args:
-    name: one of :data:`BASE_MAPS`, optionally with an ablation suffix (``"shapley_area:shuffled"``).
-    parts: from :func:`image_parts`.
+    name: a map name (:func:`parse_map_name`), optionally with an ablation suffix (``"shapley_area:shuffled"``).
+    parts: from :func:`image_parts` (an inpainter's ``residual`` map needs its reference's ``residual`` part).
     settings: the :class:`MapSettings` the parts were computed with.
     seed: seed of the ``:shuffled`` ablation's permutation.
 
@@ -254,14 +335,20 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   """
   base, ablation = parse_map_name(name)
   smooth = lambda m: scipy.ndimage.gaussian_filter(m, settings.sigma, mode="nearest") if settings.sigma > 0 else m
-  residual = smooth(np.asarray(parts["residual"], np.float64))
-  if base in ("residual", "inpaint_grid"):  # an inpainter's parts hold its grid error as the residual
-    return residual.astype(np.float32)
   n_scales = len(settings.regions)
-  if base in ("inpaint_shapley", "inpaint_loo"):  # per unit area: the grid error's units
-    values_part = "values" if base == "inpaint_shapley" else "loo"
-    return smooth(_region_map(parts, n_scales, per_area=True, ablation=None, seed=seed,
-                              values_part=values_part)).astype(np.float32)
+  if _is_inpainter_map(base):
+    grid = smooth(np.asarray(parts["grid"], np.float64))
+    if base == "inpaint_grid":
+      return grid.astype(np.float32)
+    values_part = f"values_{index_label(map_index(base))}"
+    density = smooth(_region_map(parts, n_scales, per_area=True, ablation=ablation, seed=seed,
+                                 values_part=values_part))  # per unit area: the grid error's units
+    if not base.startswith("inpaint_grid_x_"):
+      return density.astype(np.float32)
+    return (grid * _min_max(density)).astype(np.float32)
+  residual = smooth(np.asarray(parts["residual"], np.float64))
+  if base == "residual":
+    return residual.astype(np.float32)
   if base == "shapley":
     return smooth(_region_map(parts, n_scales, per_area=False, ablation=ablation, seed=seed)).astype(np.float32)
   pooled = base in POOLED_MAPS
@@ -269,10 +356,25 @@ def anomaly_map(name: str, parts: dict[str, np.ndarray], *, settings: MapSetting
   if base in ("shapley_area", "pooled_residual"):
     return density.astype(np.float32)
   if base in ("residual_x_shapley_norm", "residual_x_pooled_norm"):
-    span = float(density.max() - density.min())
-    gate = (density - density.min()) / span if span > 0 else np.ones_like(density)
-    return (residual * gate).astype(np.float32)
+    return (residual * _min_max(density)).astype(np.float32)
   return (residual * np.maximum(density, 0.0)).astype(np.float32)
+
+
+def _min_max(density: np.ndarray) -> np.ndarray:
+  """A gate in [0, 1]: the map min-max normalised (all ones for a constant map)."""
+  span = float(density.max() - density.min())
+  return (density - density.min()) / span if span > 0 else np.ones_like(density)
+
+
+def _map_seconds(name: str, parts) -> float:
+  """Seconds one image's map cost: the parts it is built from."""
+  base = parse_map_name(name)[0]
+  if not _is_inpainter_map(base):
+    cost = float(parts["residual_seconds"])
+    return cost + (float(parts["shapley_seconds"]) if base != "residual" else 0.0)
+  index = map_index(base)
+  cost = float(parts[f"seconds_{index_label(index)}"]) if index is not None else 0.0
+  return cost + (float(parts["grid_seconds"]) if base == "inpaint_grid" or "_grid_x_" in base else 0.0)
 
 
 # --- Evaluation --------------------------------------------------------------------------------------------------
@@ -359,6 +461,7 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     figures_dir: str | os.PathLike | None = None,
     n_figure_images: int = 8,
+    reference: model.AutoencoderParams | None = None,
     progress: bool = True,
 ) -> dict:
   """Scores anomaly maps of one autoencoder on a test split: image AUROC, pixel AUROC, AUPRO@0.3.
@@ -375,7 +478,10 @@ def evaluate(
     params: the trained autoencoder.
     data_or_split: an MVTec-layout folder (its test split is loaded at the model's image size) or a
       :class:`shapjax.data.MVTecSplit` at the model's size.
-    maps: names from :data:`BASE_MAPS`, Shapley ones optionally with ``":constant"`` or ``":shuffled"``.
+    maps: map names (:func:`parse_map_name`): an autoencoder's from :data:`BASE_MAPS`, an inpainter's
+      ``inpaint_grid``, ``inpaint_<index>``, ``inpaint_grid_x_<index>`` (and ``residual`` with ``reference``); game
+      maps optionally with ``":constant"`` or ``":shuffled"``. The default: :data:`DEFAULT_MAPS` for an
+      autoencoder, :data:`INPAINT_DEFAULT_MAPS` (and the reference's ``residual``) for an inpainter.
     n_perm: permutations per image and scale.
     regions: SLIC ``max_regions``, or several (one per scale; the Shapley maps average them).
     baseline: ``"reconstruction"``, ``"blur"``, ``"mean"``, ``"zeros"`` or a float (see :class:`MapSettings`).
@@ -387,6 +493,8 @@ def evaluate(
     cache_dir: folder for the per-image cache; ``None`` caches nothing.
     figures_dir: when given, writes ``overlays.png`` (image, ground truth, each map) for a sample of images.
     n_figure_images: images in the overlay figure (spread over the defect types).
+    reference: with an inpainter, an autoencoder at the same image size whose ``residual`` map is scored beside
+      the inpainter's maps (it is not cached: one forward pass per image).
     progress: show a progress bar.
 
   Several processes (after ``jax.distributed.initialize()``): call it on every process with the same
@@ -403,7 +511,7 @@ def evaluate(
   names = list(dict.fromkeys(maps))
   for name in names:
     parse_map_name(name)
-  names = _check_maps_for_model(names, params, default=tuple(maps) == DEFAULT_MAPS)
+  names = _check_maps_for_model(names, params, default=tuple(maps) == DEFAULT_MAPS, reference=reference)
   settings = MapSettings(n_perm=int(n_perm), regions=regions, baseline=baseline, estimator=estimator,
                          sigma=float(sigma), seed=int(seed))
   sampling.check_counts(max(settings.regions), settings.n_perm, sampling.DEFAULT_BATCH_SIZE, estimator)
@@ -412,7 +520,11 @@ def evaluate(
     raise ValueError(f"test images have shape {split.images.shape[1:]} but the model expects "
                      f"{params.config.image_shape}; load the split at the model's size")
   indices = stratified_subset(split.defect_types, limit)
-  shapley = _needs_shapley(names)
+  inpainter = model.model_kind(params) == "inpainting"
+  games = _game_indices(names) if inpainter else []
+  shapley = bool(games) if inpainter else _needs_shapley(names)
+  # The game whose additivity is reported per image: the first sampled one (leave-one-out's if it is alone).
+  reported = next((g for g in games if g != "loo"), games[0] if games else None)
   cache = None
   if cache_dir is not None:
     cache = Path(cache_dir) / _settings_digest(_params_digest(params), settings)
@@ -434,22 +546,31 @@ def evaluate(
       stem = Path(split.paths[index]).stem
       digest = hashlib.sha256(np.ascontiguousarray(split.images[index]).tobytes()).hexdigest()[:12]
       path = cache / f"{split.defect_types[index]}_{stem}_{digest}.npz"
-    parts = _load_parts(path, shapley) if path is not None else None
-    if parts is None:
-      parts = image_parts(params, split.images[index], settings=settings, key=jax.random.fold_in(key, index),
-                          shapley=shapley)
-      if path is not None:
-        _save_parts(path, parts)
+    parts = _load_parts(path, shapley and not inpainter) if path is not None else None
+    image_key = jax.random.fold_in(key, index)
+    if inpainter:
+      known = set(parts or ())
+      parts = image_parts(params, split.images[index], settings=settings, key=image_key, games=games, parts=parts)
+      fresh = set(parts) != known
+    elif parts is None:
+      parts, fresh = image_parts(params, split.images[index], settings=settings, key=image_key,
+                                 shapley=shapley), True
     else:
-      cached += 1
+      fresh = False
+    if fresh and path is not None:
+      _save_parts(path, parts)
+    cached += not fresh
+    if reference is not None:
+      start = time.perf_counter()
+      residual = jax.block_until_ready(_reconstruct_one(reference, jnp.asarray(split.images[index]))[1])
+      parts.update(residual=np.asarray(residual), residual_seconds=np.float64(time.perf_counter() - start))
     # Entries cached before the additivity was recorded lack it: None, not a recomputation.
-    additivity[index] = [_finite_or_none(parts.get(f"additivity_{k}")) for k in range(len(settings.regions))]
+    label = "" if not inpainter else f"{index_label(reported)}_" if reported is not None else None
+    additivity[index] = [None if label is None else _finite_or_none(parts.get(f"additivity_{label}{k}"))
+                         for k in range(len(settings.regions))]
     for name in names:
       image_maps[name].append(anomaly_map(name, parts, settings=settings, seed=settings.seed + index))
-      cost = float(parts["residual_seconds"])
-      if _needs_shapley([name]):
-        cost += float(parts["shapley_seconds"])
-      seconds[name].append(cost)
+      seconds[name].append(_map_seconds(name, parts))
   if jax.process_count() > 1:
     image_maps, seconds, cached = _gather_processes(names, image_maps, seconds, cached, len(indices),
                                                     params.config.image_shape[:2])

@@ -95,6 +95,9 @@ STRATIFIED_SHIFTS = 8
 STRATIFIED_GROUP = 2 * STRATIFIED_SHIFTS  # permutations per stratified replicate: shifts and their reverses
 KERNEL_GROUPS = 32  # jackknife groups of the kernel estimator: unit i falls in group i % KERNEL_GROUPS
 DEFAULT_MAX_BLOCKS = 64  # with tol and no max_evals: the budget is this many blocks
+# A Beta index's paired units draw t from Beta(beta, alpha) with this probability, else from U(0, 1): defensive
+# importance sampling, so that the larger coalitions that reveal interactions are drawn often enough to be seen.
+BETA_MIXTURE = 0.5
 _RIDGE = 1e-6
 _PERMUTATION_ESTIMATORS = ("permutation", "antithetic", "stratified")
 _FIT_FIELDS = ("fit_count", "fit_sum", "fit_sq", "fit_zy", "fit_zz")
@@ -303,6 +306,21 @@ def endpoint_values(value_fn: ValueFn, active: jax.Array) -> jax.Array:
   return value_fn(jnp.stack([jnp.zeros_like(active), active])).astype(jnp.float32)
 
 
+def _size_pmf(index, n_players: int, n_active: jax.Array) -> jax.Array:
+  """``f32[n_players]``: the index's probability ``C(n_active - 1, k) p(k)`` of a coalition of ``k`` others.
+
+  For a Beta index, the beta-binomial pmf ``BB(k; n_active - 1, beta, alpha)``; sizes ``k >= n_active`` get 0.
+  """
+  _, alpha, beta = index
+  k = jnp.arange(n_players, dtype=jnp.float32)
+  n = n_active.astype(jnp.float32)
+  rest = jnp.maximum(n - 1.0 - k, 0.0)
+  log_size = (jax.scipy.special.gammaln(jnp.maximum(n, 1.0)) - jax.scipy.special.gammaln(k + 1.0)
+              - jax.scipy.special.gammaln(rest + 1.0)
+              + jax.scipy.special.betaln(k + beta, rest + alpha) - jax.scipy.special.betaln(alpha, beta))
+  return jnp.where(k < n, jnp.exp(log_size), 0.0)
+
+
 def _position_weights(index, n_players: int, n_active: jax.Array) -> jax.Array:
   """``f32[n_players]``: weight of a marginal contribution to a coalition of ``k`` predecessors, ``k = 0 ..``.
 
@@ -312,14 +330,7 @@ def _position_weights(index, n_players: int, n_active: jax.Array) -> jax.Array:
   """
   if index == "shapley":
     return jnp.ones((n_players,), jnp.float32)
-  _, alpha, beta = index
-  k = jnp.arange(n_players, dtype=jnp.float32)
-  n = n_active.astype(jnp.float32)
-  rest = jnp.maximum(n - 1.0 - k, 0.0)
-  log_size = (jax.scipy.special.gammaln(jnp.maximum(n, 1.0)) - jax.scipy.special.gammaln(k + 1.0)
-              - jax.scipy.special.gammaln(rest + 1.0)
-              + jax.scipy.special.betaln(k + beta, rest + alpha) - jax.scipy.special.betaln(alpha, beta))
-  return jnp.where(k < n, n * jnp.exp(log_size), 0.0)
+  return n_active.astype(jnp.float32) * _size_pmf(index, n_players, n_active)
 
 
 def _fit_block(coalitions: jax.Array, targets: jax.Array, used: jax.Array) -> dict[str, jax.Array]:
@@ -422,18 +433,44 @@ def _active_first(active: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _inclusion_probability(key: jax.Array, index) -> jax.Array:
-  """The probability ``t`` with which every active player joins a paired unit's coalition."""
+  """The probability ``t`` with which every active player joins a paired unit's coalition.
+
+  Banzhaf: 1/2. A Beta index: the defensive mixture, ``Beta(beta, alpha)`` with probability
+  :data:`BETA_MIXTURE`, else ``U(0, 1)``; :func:`_paired_weights` weighs the sizes back to the index's.
+  """
   kind = index_kind(index)
   if kind == "banzhaf":
     return jnp.asarray(0.5, jnp.float32)
   if kind == "shapley":
     return jax.random.uniform(key)
   _, alpha, beta = index
-  return jax.random.beta(key, beta, alpha)  # density t^(beta - 1) (1 - t)^(alpha - 1): alpha > beta -> small t
+  choice_key, beta_key, uniform_key = jax.random.split(key, 3)
+  from_index = jax.random.beta(beta_key, beta, alpha)  # density t^(beta-1) (1-t)^(alpha-1): alpha > beta -> small
+  return jnp.where(jax.random.uniform(choice_key) < BETA_MIXTURE, from_index, jax.random.uniform(uniform_key))
+
+
+def _paired_weights(index, bases: jax.Array, active: jax.Array) -> jax.Array:
+  """``f32[P, n]``: importance weight of each player's marginal contribution in each paired unit.
+
+  Player ``i``'s contribution is to ``T = S \\ {i}``, of size ``s`` among the ``n_active - 1`` other active
+  players. The index wants ``s ~ BB(n_active - 1, beta, alpha)`` (beta-binomial); the mixture draws it from
+  ``q(s) = lambda BB(s) + (1 - lambda) / n_active`` (a uniform ``t`` makes every size equally likely), and given
+  its size T is uniform under both. The weight ``BB(s) / q(s)`` is at most ``1 / lambda``. Banzhaf: 1.
+  Padding players: 0.
+  """
+  if index_kind(index) != "beta":
+    return jnp.broadcast_to(active.astype(jnp.float32), bases.shape)
+  n_players = active.shape[0]
+  n_active = jnp.sum(active, dtype=jnp.int32)
+  target = _size_pmf(index, n_players, n_active)
+  proposal = BETA_MIXTURE * target + (1.0 - BETA_MIXTURE) / jnp.maximum(n_active, 1).astype(jnp.float32)
+  ratio = target / proposal  # [n]: by size
+  others = jnp.sum(bases, axis=1, dtype=jnp.int32)[:, None] - bases.astype(jnp.int32)  # [P, n]
+  return jnp.where(active[None, :], ratio[jnp.clip(others, 0, n_players - 1)], 0.0)
 
 
 def _paired_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, index):
-  """Marginal contributions ``f32[P, n]`` of units ``start ..``: a coalition and its one-player flips."""
+  """Ratio statistics of units ``start ..``, each a coalition and its one-player flips, and their fit."""
   n_active = jnp.sum(active, dtype=jnp.int32)
   order, position = _active_first(active)
   units = start + jnp.arange(n_perm)
@@ -461,7 +498,8 @@ def _paired_block(value_fn, n_players, n_perm, key, start, batch_size, active, v
   used = (jnp.arange(n_players + 1) <= n_active) & (n_active > 0)
   used = jnp.broadcast_to(used[:, None], (n_players + 1, n_perm)).astype(jnp.float32)
   fit = _fit_block(coalitions.reshape(-1, n_players), (values - v_empty_full[0]).reshape(-1), used.reshape(-1))
-  return contributions, fit
+  weights = _paired_weights(index, bases, active)
+  return _ratio_moments(weights * contributions, weights), fit
 
 
 def _masked_moments(targets: jax.Array, membership: jax.Array) -> dict[str, jax.Array]:
@@ -514,16 +552,23 @@ def sample_group(estimator: str) -> int:
   return {"antithetic": 2, "stratified": STRATIFIED_GROUP}.get(estimator, 1)
 
 
-def _independent_samples(contributions: jax.Array, estimator: str) -> jax.Array:
-  """Rows that are iid: permutations, antithetic pairs, or stratified groups (their means)."""
+def _independent_samples(weighted: jax.Array, weights: jax.Array, estimator: str) -> tuple[jax.Array, jax.Array]:
+  """Rows that are iid: permutations, antithetic pairs, or stratified groups (their means), of both arrays."""
   group = sample_group(estimator)
   if group == 1:
-    return contributions
-  return contributions.reshape(-1, group, contributions.shape[-1]).mean(axis=1)
+    return weighted, weights
+  return tuple(a.reshape(-1, group, a.shape[-1]).mean(axis=1) for a in (weighted, weights))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Running statistics. A block's statistics merge into the state, so blocks of any size give one estimate.
+#
+# Permutation and paired estimators are ratio estimators: independent sample g gives every player a weight
+# x_g (its importance weight; 1 for the Shapley value and Banzhaf) and a weighted contribution y_g, and
+# phi = sum y / sum x. Its delta-method variance is sum r_g^2 / (sum x)^2 with residuals r_g = y_g - phi x_g.
+# The state keeps, per player, sum x, sum x^2, phi and the residuals' sums sum x r and sum r^2 about phi: moving
+# the centre by d adds d sum x^2 to the first and 2 d sum x r + d^2 sum x^2 to the second, so states merge
+# exactly (Chan's formula when every x is 1), and nothing subtracts two large sums (no float32 cancellation).
 
 
 def _empty_moments(n_players: int, *, per_player: bool = False) -> dict[str, jax.Array]:
@@ -531,13 +576,21 @@ def _empty_moments(n_players: int, *, per_player: bool = False) -> dict[str, jax
   return {"count": count, "mean": jnp.zeros((n_players,), jnp.float32), "m2": jnp.zeros((n_players,), jnp.float32)}
 
 
+def _empty_ratio(n_players: int) -> dict[str, jax.Array]:
+  zeros = jnp.zeros((n_players,), jnp.float32)
+  return {"count": jnp.zeros((), jnp.float32), "weight": zeros, "weight_sq": zeros, "mean": zeros, "cross": zeros,
+          "m2": zeros}
+
+
 def init_state(n_players: int, estimator: str) -> dict[str, jax.Array]:
   """Empty running statistics of ``estimator`` for ``n_players`` players (a pytree of fixed shapes).
 
-  Permutation and paired estimators keep the count, mean and sum of squared deviations of their independent
-  samples (merged with Chan's parallel formula); MSR keeps those of v over the coalitions with and without
-  each player; the kernel estimator keeps per-group normal equations; leave-one-out its values. Every state
-  also keeps the sufficient statistics of the additive fit behind ``additivity`` (sums, merged by adding).
+  Permutation and paired estimators keep the ratio statistics of their independent samples (the number of
+  samples and, per player, the sums of weights and squared weights, the weighted mean and the residuals' sums
+  about it; merged exactly); MSR keeps the count, mean and sum of squared deviations of v over the coalitions
+  with and without each player (Chan's parallel formula); the kernel estimator keeps per-group normal
+  equations; leave-one-out its values. Every state also keeps the sufficient statistics of the additive fit
+  behind ``additivity`` (sums, merged by adding).
   """
   state = {"units": jnp.zeros((), jnp.int32)}
   if estimator == "kernel":
@@ -550,18 +603,11 @@ def init_state(n_players: int, estimator: str) -> dict[str, jax.Array]:
   elif estimator == "exact":
     state["values"] = jnp.zeros((n_players,), jnp.float32)
   else:
-    state.update(_empty_moments(n_players))
+    state.update(_empty_ratio(n_players))
   state.update({"fit_count": jnp.zeros((), jnp.float32), "fit_sum": jnp.zeros((), jnp.float32),
                 "fit_sq": jnp.zeros((), jnp.float32), "fit_zy": jnp.zeros((n_players,), jnp.float32),
                 "fit_zz": jnp.zeros((n_players, n_players), jnp.float32)})
   return state
-
-
-def _moments(samples: jax.Array) -> dict[str, jax.Array]:
-  """Count, mean and sum of squared deviations of iid samples ``f32[S, n_players]``."""
-  mean = samples.mean(axis=0)
-  return {"count": jnp.asarray(samples.shape[0], jnp.float32), "mean": mean,
-          "m2": jnp.sum((samples - mean[None, :]) ** 2, axis=0)}
 
 
 def _merge_moments(state: dict, block: dict) -> dict:
@@ -584,6 +630,45 @@ def _merge_moments_across(block: dict, axis_name) -> dict:
   return {"count": count, "mean": mean, "m2": m2}
 
 
+def _ratio_moments(weighted: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Ratio statistics of iid samples: weighted contributions ``y f32[S, n]`` and their weights ``x f32[S, n]``."""
+  weight = jnp.sum(weights, axis=0)
+  mean = jnp.where(weight > 0, jnp.sum(weighted, axis=0) / jnp.where(weight > 0, weight, 1.0), 0.0)
+  residual = weighted - mean[None, :] * weights
+  return {"count": jnp.asarray(weighted.shape[0], jnp.float32), "weight": weight,
+          "weight_sq": jnp.sum(weights * weights, axis=0), "mean": mean,
+          "cross": jnp.sum(weights * residual, axis=0), "m2": jnp.sum(residual * residual, axis=0)}
+
+
+def _recentre(stats: dict, mean: jax.Array) -> dict:
+  """``stats``' residual sums about ``mean`` instead of their own weighted mean."""
+  shift = stats["mean"] - mean
+  return {"cross": stats["cross"] + shift * stats["weight_sq"],
+          "m2": stats["m2"] + shift * (2.0 * stats["cross"] + shift * stats["weight_sq"])}
+
+
+def _merge_ratio(state: dict, block: dict) -> dict:
+  """The ratio statistics of two sets of samples together."""
+  weight = state["weight"] + block["weight"]
+  share = jnp.where(weight > 0, block["weight"] / jnp.where(weight > 0, weight, 1.0), 0.0)
+  mean = state["mean"] + (block["mean"] - state["mean"]) * share
+  old, new = _recentre(state, mean), _recentre(block, mean)
+  return {"count": state["count"] + block["count"], "weight": weight,
+          "weight_sq": state["weight_sq"] + block["weight_sq"], "mean": mean,
+          "cross": old["cross"] + new["cross"], "m2": old["m2"] + new["m2"]}
+
+
+def _merge_ratio_across(block: dict, axis_name) -> dict:
+  """Every device's ratio statistics merged into those of all devices' samples (the same on every device)."""
+  weight = jax.lax.psum(block["weight"], axis_name)
+  total = jax.lax.psum(block["weight"] * block["mean"], axis_name)
+  mean = jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
+  moved = _recentre(block, mean)
+  return {"count": jax.lax.psum(block["count"], axis_name), "weight": weight,
+          "weight_sq": jax.lax.psum(block["weight_sq"], axis_name), "mean": mean,
+          "cross": jax.lax.psum(moved["cross"], axis_name), "m2": jax.lax.psum(moved["m2"], axis_name)}
+
+
 def _combine(state: dict, block: dict, estimator: str) -> dict:
   """The statistics of ``state``'s samples and ``block``'s together."""
   if estimator == "exact":  # deterministic: a second sweep is the same sweep
@@ -594,7 +679,7 @@ def _combine(state: dict, block: dict, estimator: str) -> dict:
   if estimator == "msr":
     return {**state, **fit, "inside": _merge_moments(state["inside"], block["inside"]),
             "outside": _merge_moments(state["outside"], block["outside"])}
-  return {**state, **fit, **_merge_moments(state, block)}
+  return {**state, **fit, **_merge_ratio(state, block)}
 
 
 def _combine_across(block: dict, axis_name, estimator: str) -> dict:
@@ -605,7 +690,7 @@ def _combine_across(block: dict, axis_name, estimator: str) -> dict:
   if estimator == "msr":
     return {**fit, "inside": _merge_moments_across(block["inside"], axis_name),
             "outside": _merge_moments_across(block["outside"], axis_name)}
-  return {**fit, **_merge_moments_across(block, axis_name)}
+  return {**fit, **_merge_ratio_across(block, axis_name)}
 
 
 def _kernel_coalitions(key: jax.Array, unit: jax.Array, active: jax.Array) -> jax.Array:
@@ -679,6 +764,22 @@ def _t_inflation(n_samples: jax.Array) -> jax.Array:
   return jnp.asarray(table)[dof - 1]
 
 
+def _ratio_stderr(state) -> jax.Array:
+  """Standard error of a ratio estimate (delta method), Student-t inflated; NaN below two samples.
+
+  ``sqrt(sum r^2 * S / (S - 1)) / sum x`` over ``S`` samples: with every weight 1 it is the sample standard
+  deviation over ``sqrt(S)``. The t quantile takes the effective sample size ``(sum x)^2 / sum x^2`` (``S`` when
+  the weights are equal), which is smaller when a few samples carry most of the weight.
+  """
+  count, weight = state["count"], state["weight"]
+  effective = jnp.square(weight) / jnp.where(state["weight_sq"] > 0, state["weight_sq"], 1.0)
+  # Rounding may put the effective size of equal weights a hair under S; it is never above S.
+  effective = jnp.minimum(effective * (1.0 + 1e-5), count)
+  spread = state["m2"] * effective / jnp.maximum(effective - 1.0, 1.0)
+  stderr = jnp.sqrt(jnp.maximum(spread, 0.0)) / jnp.where(weight > 0, weight, 1.0)
+  return jnp.where(count >= 2, stderr * _t_inflation(effective), jnp.nan)
+
+
 def _finish(state, active, v_empty_full, estimator):
   """Values and standard errors from running statistics."""
   if estimator == "exact":
@@ -697,10 +798,7 @@ def _finish(state, active, v_empty_full, estimator):
     values = inside["mean"] - outside["mean"]
     return jnp.where(active, values, 0.0), jnp.where(active, stderr, 0.0)
   if estimator != "kernel":
-    count = state["count"]
-    stderr = jnp.sqrt(state["m2"] / jnp.maximum(count - 1.0, 1.0) / jnp.maximum(count, 1.0))
-    stderr = jnp.where(count >= 2, stderr * _t_inflation(count), jnp.nan)
-    return state["mean"], jnp.where(active, stderr, 0.0)
+    return jnp.where(active, state["mean"], 0.0), jnp.where(active, _ratio_stderr(state), 0.0)
   total = v_empty_full[1] - v_empty_full[0]
   gram, moment, count = state["gram"], state["moment"], state["count"]
   # The full fit and the delete-a-group fits, as one batch of J + 1 solves.
@@ -779,17 +877,17 @@ def estimate_block(value_fn: ValueFn, n_players: int, n_perm: int, *, key: jax.A
   elif estimator == "exact":
     block, fit = _loo_block(value_fn, n_players, batch_size, active, v_empty_full)
   elif estimator == "paired":
-    contributions, fit = _paired_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full,
-                                       index)
-    block = _moments(contributions)
+    block, fit = _paired_block(value_fn, n_players, n_perm, key, start, batch_size, active, v_empty_full, index)
   else:
     ranks, table = _permutation_table(value_fn, n_players, n_perm, key, start, batch_size, estimator, active,
                                       v_empty_full)
     by_position = (table[1:] - table[:-1]).T  # [P, n]: contribution of the player at each position
-    weights = _position_weights(index, n_players, jnp.sum(active, dtype=jnp.int32))
-    contributions = jnp.take_along_axis(by_position * weights[None, :], ranks, axis=1)
-    contributions = jnp.where(active[None, :], contributions, 0.0)
-    block = _moments(_independent_samples(contributions, estimator))
+    by_rank = _position_weights(index, n_players, jnp.sum(active, dtype=jnp.int32))
+    weighted = jnp.take_along_axis(by_position * by_rank[None, :], ranks, axis=1)
+    weights = jnp.take_along_axis(jnp.broadcast_to(by_rank[None, :], ranks.shape), ranks, axis=1)
+    weighted = jnp.where(active[None, :], weighted, 0.0)
+    weights = jnp.where(active[None, :], weights, 0.0)
+    block = _ratio_moments(*_independent_samples(weighted, weights, estimator))
     fit = _permutation_fit(ranks, table, active, v_empty_full)
   block = {**block, **fit}
   units = jnp.asarray(1 if estimator == "exact" else n_perm, jnp.int32)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args, cwd=ROOT, timeout=300):
   """``python -m shapjax ARGS...`` in ``cwd``, as a user runs it."""
   env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)  # a user's process: one CPU device unless --devices splits it (not conftest's 4)
   return subprocess.run([sys.executable, "-m", "shapjax", *map(str, args)], capture_output=True, text=True,
                         env=env, timeout=timeout, cwd=cwd)
 

@@ -215,19 +215,61 @@ def test_grid_error_of_a_constant_fill_is_the_pixel_error(params):
 
 def test_inpainter_maps_from_parts(params, image):
   settings = evaluation.MapSettings(n_perm=4, regions=(6,), sigma=0.0)
-  parts = evaluation.image_parts(params, image, settings=settings, key=jax.random.key(0))
+  games = ("shapley", "loo", "banzhaf", ("beta", 16.0, 1.0))
+  parts = evaluation.image_parts(params, image, settings=settings, key=jax.random.key(0), games=games)
   grid = masking.grid_inpainting_error(functools.partial(shapjax.inpaint, params), image,
                                        cell_sizes=evaluation.INPAINT_GRID_CELLS)
   np.testing.assert_allclose(evaluation.anomaly_map("inpaint_grid", parts, settings=settings), grid, rtol=1e-5,
                              atol=1e-8)
   labels = parts["labels_0"]
   area_share = np.bincount(labels.ravel(), minlength=6) / labels.size
-  for name, part in (("inpaint_shapley", "values_0"), ("inpaint_loo", "loo_0")):
-    expected = (np.asarray(parts[part], np.float64) / np.maximum(area_share, 1e-12))[labels]
-    np.testing.assert_allclose(evaluation.anomaly_map(name, parts, settings=settings), expected, rtol=1e-5)
-  loo = shapjax.exact_semivalue(shapjax.inpainted_value_fn(functools.partial(shapjax.inpaint, params), image,
-                                                           labels), 6, index="loo")
-  np.testing.assert_allclose(parts["loo_0"], loo.values, rtol=1e-4, atol=1e-7)
+  for label in ("shapley", "loo", "banzhaf", "beta_16_1"):
+    expected = (np.asarray(parts[f"values_{label}_0"], np.float64) / np.maximum(area_share, 1e-12))[labels]
+    np.testing.assert_allclose(evaluation.anomaly_map(f"inpaint_{label}", parts, settings=settings), expected,
+                               rtol=1e-5)
+    gate = (expected - expected.min()) / (expected.max() - expected.min())
+    np.testing.assert_allclose(evaluation.anomaly_map(f"inpaint_grid_x_{label}", parts, settings=settings),
+                               grid * gate, rtol=1e-4, atol=1e-9)
+  # Ablations: a constant game gives every region the same value (so the gate follows 1 / area); shuffling moves
+  # the values among the regions.
+  n_regions = int(labels.max()) + 1
+  constant = np.zeros(6)
+  constant[:n_regions] = np.mean(parts["values_shapley_0"][:n_regions])
+  density = (constant / np.maximum(area_share, 1e-12))[labels]
+  np.testing.assert_allclose(evaluation.anomaly_map("inpaint_grid_x_shapley:constant", parts, settings=settings),
+                             grid * (density - density.min()) / (density.max() - density.min()), rtol=1e-4,
+                             atol=1e-9)
+  shuffled = evaluation.anomaly_map("inpaint_shapley:shuffled", parts, settings=settings, seed=1)
+  moved = [shuffled[labels == r][0] * area_share[r] for r in range(n_regions)]
+  np.testing.assert_allclose(sorted(moved), sorted(parts["values_shapley_0"][:n_regions]), rtol=1e-4)
+  value_fn = shapjax.inpainted_value_fn(functools.partial(shapjax.inpaint, params), image, labels)
+  for label, index in (("loo", "loo"), ("beta_16_1", ("beta", 16.0, 1.0))):
+    exact = shapjax.exact_semivalue(value_fn, 6, index=index)
+    tolerance = 1e-7 if index == "loo" else 0.3 * float(np.max(np.abs(exact.values)))
+    np.testing.assert_allclose(parts[f"values_{label}_0"], exact.values, rtol=1e-4, atol=tolerance)
+  # Parts computed before are completed, not recomputed.
+  again = evaluation.image_parts(params, image, settings=settings, key=jax.random.key(1), parts=parts,
+                                 games=("shapley", ("beta", 1.0, 4.0)))
+  np.testing.assert_array_equal(again["values_shapley_0"], parts["values_shapley_0"])
+  assert "values_beta_1_4_0" in again and "seconds_beta_1_4" in again
+
+
+@pytest.mark.parametrize("name, index", [("inpaint_shapley", "shapley"), ("inpaint_grid_x_banzhaf:shuffled", "banzhaf"),
+                                         ("inpaint_beta_16_1", ("beta", 16.0, 1.0)),
+                                         ("inpaint_grid_x_beta_0.5_4", ("beta", 0.5, 4.0)), ("inpaint_grid", None),
+                                         ("residual_x_shapley", None)])
+def test_map_names_of_an_inpainter(name, index):
+  assert evaluation.map_index(name) == index
+  evaluation.parse_map_name(name)
+  if index is not None:
+    assert evaluation.index_label(index) in name
+
+
+@pytest.mark.parametrize("name, message", [("inpaint_beta_0_1", "positive"), ("inpaint_grid:shuffled", "ablation"),
+                                           ("inpaint_owen", "unknown map"), ("inpaint_loo:sorted", "ablation")])
+def test_bad_inpainter_map_names(name, message):
+  with pytest.raises(ValueError, match=message):
+    evaluation.parse_map_name(name)
 
 
 @pytest.mark.slow
@@ -235,13 +277,37 @@ def test_evaluate_an_inpainter(tmp_path):
   import shapjax.data
   dataset = shapjax.data.make_demo_dataset(tmp_path / "demo", n_train=2, n_test=4, image_size=32, seed=0)
   inpainter = shapjax.init_inpainter((32, 32, 1), key=jax.random.key(0), features=(4, 8))
-  result = shapjax.evaluate(inpainter, dataset, n_perm=2, regions=6, progress=False)
-  assert set(result["maps"]) == set(evaluation.INPAINT_MAPS)
+  result = shapjax.evaluate(inpainter, dataset, n_perm=2, regions=6, progress=False, cache_dir=tmp_path / "cache")
+  assert list(result["maps"]) == list(evaluation.INPAINT_DEFAULT_MAPS)
   for name, maps in result["maps"].items():
     assert 0.0 <= maps["overall"]["pixel_auroc"] <= 1.0, name
   assert result["maps"]["inpaint_shapley"]["seconds_per_image"] > result["maps"]["inpaint_grid"]["seconds_per_image"]
-  with pytest.raises(ValueError, match="not available for an inpainter"):
-    shapjax.evaluate(inpainter, dataset, maps=("residual",), progress=False)
+  assert all(len(image["additivity"]) == 1 for image in result["images"])
+  # More maps on the same cache: the entries are completed with the new game only.
+  maps = ("inpaint_shapley", "inpaint_banzhaf", "inpaint_grid_x_banzhaf", "inpaint_grid_x_banzhaf:constant")
+  more = shapjax.evaluate(inpainter, dataset, maps=maps, n_perm=2, regions=6, progress=False,
+                          cache_dir=tmp_path / "cache")
+  assert more["cached_images"] == 0 and list(more["maps"]) == list(maps)
+  assert more["maps"]["inpaint_shapley"] == result["maps"]["inpaint_shapley"] | {
+      "seconds_per_image": more["maps"]["inpaint_shapley"]["seconds_per_image"]}
+  assert more["maps"]["inpaint_grid_x_banzhaf:constant"]["overall"] != more["maps"]["inpaint_grid_x_banzhaf"]["overall"]
+  again = shapjax.evaluate(inpainter, dataset, maps=maps, n_perm=2, regions=6, progress=False,
+                           cache_dir=tmp_path / "cache")
+  assert again["cached_images"] == again["n_images"]
+  # The reference autoencoder's residual map beside the inpainter's.
   autoencoder = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(4, 8), latent_features=4)
+  with pytest.raises(ValueError, match="reference"):
+    shapjax.evaluate(inpainter, dataset, maps=("residual",), progress=False)
+  with_reference = shapjax.evaluate(inpainter, dataset, maps=("inpaint_grid", "residual"), reference=autoencoder,
+                                    progress=False)
+  alone = shapjax.evaluate(autoencoder, dataset, maps=("residual",), progress=False)
+  assert with_reference["maps"]["residual"]["overall"] == alone["maps"]["residual"]["overall"]
+  assert list(shapjax.evaluate(inpainter, dataset, n_perm=2, regions=6, reference=autoencoder, progress=False,
+                               cache_dir=tmp_path / "cache")["maps"]) == [*evaluation.INPAINT_DEFAULT_MAPS, "residual"]
+  with pytest.raises(ValueError, match="same image size"):
+    shapjax.evaluate(inpainter, dataset, reference=shapjax.init_autoencoder((16, 16, 1), key=jax.random.key(0),
+                                                                            features=(4, 8), latent_features=4))
+  with pytest.raises(ValueError, match="pass it with an inpainter"):
+    shapjax.evaluate(autoencoder, dataset, reference=autoencoder)
   with pytest.raises(ValueError, match="not available for an autoencoder"):
     shapjax.evaluate(autoencoder, dataset, maps=("inpaint_grid",), progress=False)

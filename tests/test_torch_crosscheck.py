@@ -1,4 +1,5 @@
-"""The PyTorch reference in benchmarks/ computes what shapjax computes: same reconstructions, same values.
+"""The PyTorch reference in benchmarks/ computes what shapjax computes: same reconstructions and inpaintings, same
+values.
 
 The benchmarks compare speeds only if both sides do the same work; these tests pin that down on tiny sizes
 (eager PyTorch, no torch.compile).
@@ -16,7 +17,7 @@ pytest.importorskip("captum", reason="the captum cross-check needs the bench ext
 
 import shapjax
 from conftest import stripes_labels
-from shapjax import masking
+from shapjax import inpainting, masking
 
 # benchmarks/ is a package at the repository root, not part of the installed library.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,6 +79,65 @@ def test_shapley_values_match_for_same_permutations(key):
   captum_values, captum_evals = torch_reference.captum_shapley(
       lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
       torch.as_tensor(labels, dtype=torch.long), baseline, n_perm, perturbations_per_eval=4,
+      orders=torch_reference.permutation_orders(ranks, n_regions))
+  assert captum_evals == 1 + n_perm * n_regions
+  np.testing.assert_allclose(captum_values.numpy(), np.asarray(result.values)[:n_regions], atol=1e-4 * scale,
+                             rtol=0)
+
+
+def _inpainter_params(key, image_shape, context="none"):
+  params = shapjax.init_inpainter(image_shape, key=key, features=(8, 16), context=context)
+  # Larger weights, as for the autoencoder: a wrong channel order or padding shows in the output.
+  return inpainting.InpainterParams(weights=jax.tree.map(lambda w: 3.0 * w, params.weights), config=params.config)
+
+
+@pytest.mark.parametrize("image_shape, context", [((32, 32, 1), "none"), ((30, 36, 3), "lowres")])
+def test_inpaintings_match(key, image_shape, context):
+  params = _inpainter_params(key, image_shape, context)
+  rng = np.random.default_rng(0)
+  images = rng.random((3, *image_shape), dtype=np.float32)
+  visible = rng.random((3, *image_shape[:2])) < 0.5
+  expected = np.asarray(shapjax.inpaint(params, images, visible))
+  module = torch_reference.torch_inpainter(params)
+  t_visible = torch.as_tensor(visible, dtype=torch.float32)
+  with torch.no_grad():
+    got = torch_reference.inpaint(module, torch_reference.to_nchw(images), t_visible).numpy().transpose(0, 2, 3, 1)
+  hidden = ~visible
+  assert expected[hidden].std() > 0.02
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_inpainting_game_values_match_for_same_permutations(key):
+  image_shape, max_regions, n_regions, n_perm = (32, 32, 1), 10, 8, 4
+  params = _inpainter_params(key, image_shape)
+  image = np.random.default_rng(1).random(image_shape, dtype=np.float32)
+  labels = stripes_labels(32, 32, n_regions)
+  sample_key = jax.random.key(3)
+  result = shapjax.attribute(params, image, labels, n_perm, key=sample_key, max_regions=max_regions, batch_size=5,
+                             game="inpainting")
+
+  module = torch_reference.torch_inpainter(params)
+  t_image = torch_reference.to_nchw(image)
+  value_fn = torch_reference.inpainting_game(module, t_image)
+  ones, zeros = torch_reference.inpainting_inputs(t_image)
+  t_labels = torch.as_tensor(labels, dtype=torch.long)
+  # v(every region visible) = 0 exactly; v(none visible) = minus the whole image's error, which the values sum to.
+  all_visible, none_visible = value_fn(torch.stack([ones, zeros])).detach().numpy()
+  assert all_visible == 0 and none_visible < 0
+  np.testing.assert_allclose(float(np.sum(np.asarray(result.values))), -none_visible, rtol=1e-4)
+
+  ranks = torch_reference.shapjax_ranks(sample_key, n_perm, max_regions, n_regions)
+  contributions, n_evals = torch_reference.torch_permutation_shapley(
+      value_fn, ones, t_labels, zeros, torch.as_tensor(ranks), n_regions, batch_size=7)
+  values = contributions.mean(0).numpy()
+  assert n_evals == int(result.n_evals)
+  scale = np.abs(np.asarray(result.values)).max()
+  assert scale > 0
+  np.testing.assert_allclose(values, np.asarray(result.values), atol=1e-4 * scale, rtol=0)
+  assert np.all(values[n_regions:] == 0)
+
+  captum_values, captum_evals = torch_reference.captum_shapley(
+      value_fn, ones, t_labels, zeros, n_perm, perturbations_per_eval=4,
       orders=torch_reference.permutation_orders(ranks, n_regions))
   assert captum_evals == 1 + n_perm * n_regions
   np.testing.assert_allclose(captum_values.numpy(), np.asarray(result.values)[:n_regions], atol=1e-4 * scale,
