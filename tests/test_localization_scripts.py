@@ -58,3 +58,25 @@ def test_additivity_reports_every_baseline_and_a_perfect_oracle(dataset, params,
     assert -1.0 <= row["corr_min"] <= row["corr_median"] <= 1.0
     assert 0.0 <= row["auroc_residual"] <= 1.0
   assert report["oracle_region_map"]["pixel_auroc"] > 0.9  # the regions hold the painted defects
+
+
+def test_inpainting_attempts_train_score_and_resume(dataset, tmp_path):
+  from benchmarks import inpainting  # pylint: disable=g-import-not-at-top
+  args = [str(dataset), "--image-size", "32", "32", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+          "--n-perm", "2", "--steps-autoencoder", "2", "--steps-inpainter", "2", "--limit", "2"]
+  inpainting.main(args + ["--attempts", "autoencoder,inpainter"])  # the attempt with every kind of map
+  record = json.loads((tmp_path / "out" / f"{dataset.name}.json").read_text())
+  assert [a["name"] for a in record["attempts"]] == ["autoencoder", "inpainter"]
+  by_name = {a["name"]: a for a in record["attempts"]}
+  for attempt in inpainting.attempts()[:2]:
+    assert set(attempt["maps"]) <= set(by_name[attempt["name"]]["maps"])
+  # The reference autoencoder's residual beside every inpainter attempt is the autoencoder attempt's.
+  assert (by_name["inpainter"]["maps"]["residual"]["overall"]
+          == by_name["autoencoder"]["maps"]["residual"]["overall"])
+  assert -1e9 < by_name["inpainter"]["additivity_median"] <= 1.0
+  assert "| inpainter | inpaint_grid_x_banzhaf:shuffled |" in (tmp_path / "out" / f"{dataset.name}.md").read_text()
+  # A second run trains nothing and reads every image from the caches.
+  inpainting.main(args + ["--attempts", "inpainter"])
+  again = json.loads((tmp_path / "out" / f"{dataset.name}.json").read_text())
+  assert again["train_seconds"] == {}
+  assert all(a["cached_images"] == a["n_images"] for a in again["attempts"])
