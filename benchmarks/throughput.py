@@ -675,6 +675,9 @@ def main(argv=None) -> None:
   parser.add_argument("--inpaint-shape", default="160,64,1",
                       help="H,W,C of the inpainting section's image and inpainter (default features)")
   parser.add_argument("--inpaint-regions", type=int, default=32, help="max_regions of the inpainting section")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch.set_num_threads(N) for every PyTorch row (default: PyTorch's own, one per core); "
+                      "on a busy machine its OpenMP threads lose much more to oversubscription than JAX's pool")
   parser.add_argument("--inpaint-context", default="none", choices=("none", "lowres"),
                       help="the inpainter's context (see shapjax.InpainterConfig)")
   parser.add_argument("--matmul-size", type=int, default=None,
@@ -725,6 +728,8 @@ def main(argv=None) -> None:
   from shapjax import sampling
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if args.torch_threads > 0:
+    torch.set_num_threads(args.torch_threads)
   backend = jax.default_backend()
   args.batch_size = sampling.default_batch_size(args.batch_size)
   report = {

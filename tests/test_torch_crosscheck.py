@@ -107,6 +107,7 @@ def test_inpaintings_match(key, image_shape, context):
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_inpainting_game_values_match_for_same_permutations(key):
   image_shape, max_regions, n_regions, n_perm = (32, 32, 1), 10, 8, 4
   params = _inpainter_params(key, image_shape)
