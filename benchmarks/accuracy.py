@@ -29,6 +29,9 @@ Commands (2 shared CPU cores):
   .venv/bin/python benchmarks/accuracy.py ../shared/data/magnetic_tile --out benchmarks/results \\
       --name accuracy-semivalues --indices shapley,banzhaf,beta16-1,beta4-1,loo --n-images 6 --max-units 32 \\
       --captum-budgets ""
+  # the Beta Shapley rows alone (about 6 minutes)
+  .venv/bin/python benchmarks/accuracy.py ../shared/data/magnetic_tile --out benchmarks/results \\
+      --name accuracy-beta --indices beta16-1,beta4-1 --n-images 6 --max-units 32 --shapiq "" --captum-budgets ""
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ Estimators (``estimator=``; None picks the index's first); a *unit* is what ``n_
 
 * ``"permutation"``: plain Monte Carlo over random permutations (Castro et al. 2009), what captum does.
   ``n_active - 1`` evaluations. For a Beta index, the marginal contribution of the player at position ``k`` is
-  weighted by ``n_active * C(n_active - 1, k) p(k)`` (importance weights against the uniform position).
+  weighted by ``n_active * C(n_active - 1, k) p(k)`` (importance weights against the uniform position), and the
+  estimate is self-normalized, ``sum w m / sum w`` per player (also for antithetic and stratified): exact on
+  additive games, and free of the weights' own noise.
 * ``"antithetic"``: each permutation and its reverse (shap's PermutationExplainer); exact on games with at
   most pairwise interactions (Shapley). Pairs are the independent samples.
 * ``"stratified"``: permutations stratified by position. A group of :data:`STRATIFIED_GROUP` permutations is
@@ -35,10 +37,13 @@ Estimators (``estimator=``; None picks the index's first); a *unit* is what ``n_
   coalitions drawn from the Shapley kernel, each with its complement, and a constrained least-squares fit.
   Error bars by the delete-a-group jackknife over :data:`KERNEL_GROUPS` interleaved groups of units. Shapley
   only.
-* ``"paired"``: Banzhaf and Beta indices, sampled by coalition size. A unit draws ``t`` (1/2 for Banzhaf,
-  ``Beta(beta, alpha)`` for a Beta index), a coalition S with each active player in it with probability ``t``,
-  and S with each active player flipped: ``n_active + 1`` evaluations give every player one marginal
-  contribution ``v(S + i) - v(S - i)`` to a coalition of the index's size distribution. Exact on additive
+* ``"paired"``: Banzhaf and Beta indices, sampled by coalition size. A unit draws ``t``, a coalition S with
+  each active player in it with probability ``t``, and S with each active player flipped: ``n_active + 1``
+  evaluations give every player one marginal contribution ``v(S + i) - v(S - i)``. Banzhaf: ``t = 1/2``, the
+  index's own sizes. Beta: defensive importance sampling, ``t ~ Beta(beta, alpha)`` with probability
+  :data:`BETA_MIXTURE`, else ``U(0, 1)``, so that the larger coalitions which reveal interactions are drawn
+  often; player ``i``'s contribution to a coalition of ``s`` others is weighted by ``BB(s) / q(s)`` (target over
+  proposal size pmf, at most ``1 / BETA_MIXTURE``) and the estimate is self-normalized. Exact on additive
   games; units are independent samples.
 * ``"msr"``: maximum sample reuse for Banzhaf (Wang & Jia 2023): uniform coalitions, ``n_active`` per unit, and
   ``phi_i = mean v over those with i - mean v over those without``; every evaluation serves every player.
@@ -48,6 +53,13 @@ Estimators (``estimator=``; None picks the index's first); a *unit* is what ``n_
 Determinism: unit ``i`` is drawn from ``fold_in(key, i)`` (antithetic: pair ``i // 2``; stratified: group
 ``i // 16``), so neither ``batch_size`` nor the split into blocks when stopping on tolerance changes the sample:
 ``tol`` with block size ``n_perm`` after ``b`` blocks gives the fixed-size result for ``b * n_perm`` units.
+
+Error bars: permutations, antithetic pairs, stratified groups and paired units are independent samples of a
+ratio estimator, ``phi_i = sum y / sum x`` (``x`` the sample's weight, 1 for the Shapley value and Banzhaf);
+``stderr`` is the delta-method ``sqrt(sum (y - phi x)^2 * S / (S - 1)) / sum x`` with ``S`` the effective
+sample size ``(sum x)^2 / sum x^2``, times ``t(0.975, S - 1) / 1.96``. With equal weights it is the sample
+standard deviation over ``sqrt(count)``. The running state keeps residual sums about the current estimate, so
+blocks and devices merge exactly and float32 does not cancel.
 
 Additivity: every result carries ``additivity``, the adjusted R^2 of the best additive game
 ``v(S) ~ v(empty) + sum_{i in S} beta_i`` fitted by least squares to every coalition value the estimate
@@ -980,10 +992,12 @@ def shapley_values(
   estimators (telescoping), and through the constraint of the kernel fit. Other indices are not efficient.
 
   Error bars: permutations, antithetic pairs, stratified groups and paired units are iid, so ``stderr`` is
-  their standard deviation over ``sqrt(count)``; MSR's combines the variances of its two means (Welch); the
-  kernel estimator's comes from a delete-a-group jackknife. All are scaled by the Student-t factor
-  ``t(0.975, dof) / 1.96`` (1.02 at 50 samples, 1.62 at 4), so that ``values +- 1.96 * stderr`` covers the
-  true values 95% of the time even with few samples. Leave-one-out is exact (``stderr`` 0).
+  their standard deviation over ``sqrt(count)`` (for importance-weighted Beta estimates, the delta-method
+  standard error of the self-normalized mean, with the effective sample size); MSR's combines the variances of
+  its two means (Welch); the kernel estimator's comes from a delete-a-group jackknife. All are scaled by the
+  Student-t factor ``t(0.975, dof) / 1.96`` (1.02 at 50 samples, 1.62 at 4), so that ``values +- 1.96 * stderr``
+  covers the true values 95% of the time even with few samples (Beta indices' intervals are narrower than that
+  at a few units: docs/estimators.md, "Error bars"). Leave-one-out is exact (``stderr`` 0).
 
   Stopping on tolerance: with ``tol``, ``n_perm`` is the block size. Blocks of ``n_perm`` units run (one
   compiled program, reused) until ``max(stderr) < tol * (max(values) - min(values))`` over the active players,
