@@ -1,9 +1,9 @@
 """The inpainting game against the autoencoder's residual: every attempt of docs/localization.md in one command.
 
 For one dataset in the MVTec AD layout this script trains (unless their checkpoints are already in ``--work``)
-the reference autoencoder, an inpainter, and an inpainter that also sees a low-resolution copy of the image
-(``--context lowres``), all at one image size with the CLI's defaults, then scores every map of every attempt
-with ``shapjax.evaluate`` on the test split and writes one table:
+the reference autoencoder, an inpainter, an inpainter that also sees a low-resolution copy of the image
+(``--context lowres``) and one trained for twice the steps, all at one image size with the CLI's defaults, then
+scores every map of every attempt with ``shapjax.evaluate`` on the test split and writes one table:
 
 * the autoencoder: ``residual`` (the map to beat), the seed's reconstruction game ``shapley``, and its control
   ``pooled_residual``;
@@ -12,7 +12,8 @@ with ``shapjax.evaluate`` on the test split and writes one table:
   weights near-full ones, the leave-one-out end); the grid map gated by each game map and, for the gates, the
   ``:constant`` and ``:shuffled`` ablations;
 * the inpainter at 64 regions, and at two SLIC scales (32 and 64, averaged);
-* the low-resolution-context inpainter at 32 regions.
+* the low-resolution-context inpainter at 32 regions;
+* an inpainter trained for twice the steps.
 
 Each attempt's per-image parts are cached in ``--work``, so a rerun (or a run with more maps) only computes what
 is missing. Results: ``OUT/<dataset>.json`` (every map's metrics, seconds per image and the median additivity of
@@ -50,12 +51,15 @@ def attempts() -> list[dict]:
       {"id": "inpainter", "name": "inpainter", "checkpoint": "inpainter", "regions": (32,),
        "maps": ("inpaint_grid", "inpaint_loo", *games, *gated, *ablations)},
       {"id": "regions64", "name": "inpainter, 64 regions", "checkpoint": "inpainter", "regions": (64,),
-       "maps": ("inpaint_loo", "inpaint_shapley", "inpaint_banzhaf", "inpaint_grid_x_banzhaf")},
+       "maps": ("inpaint_loo", "inpaint_banzhaf", "inpaint_grid_x_banzhaf")},
       {"id": "scales", "name": "inpainter, 32+64 regions", "checkpoint": "inpainter", "regions": (32, 64),
        "maps": ("inpaint_loo", "inpaint_banzhaf", "inpaint_grid_x_banzhaf")},
       {"id": "lowres", "name": "inpainter, lowres context", "checkpoint": "inpainter_lowres", "regions": (32,),
        "maps": ("inpaint_grid", "inpaint_loo", "inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_1_16",
                 "inpaint_grid_x_banzhaf")},
+      {"id": "longer", "name": "inpainter, twice the training", "checkpoint": "inpainter_long", "regions": (32,),
+       "maps": ("inpaint_grid", "inpaint_loo", "inpaint_banzhaf", "inpaint_beta_1_16", "inpaint_grid_x_loo",
+                "inpaint_grid_x_beta_1_16")},
   ]
 
 
@@ -70,6 +74,8 @@ def train_commands(data: Path, work: Path, size: tuple[int, int], steps_autoenco
                     "--steps", str(steps_inpainter)],
       "inpainter_lowres": ["train", *common, "--out", str(work / "inpainter_lowres"), "--model", "inpainting",
                            "--context", "lowres", "--steps", str(steps_inpainter)],
+      "inpainter_long": ["train", *common, "--out", str(work / "inpainter_long"), "--model", "inpainting",
+                         "--steps", str(2 * steps_inpainter)],
   }
 
 
@@ -125,7 +131,8 @@ def main(argv=None) -> None:
   parser.add_argument("--limit", type=int, default=None, help="a stratified subset of about K test images")
   parser.add_argument("--steps-autoencoder", type=int, default=1000)
   parser.add_argument("--steps-inpainter", type=int, default=1500)
-  parser.add_argument("--attempts", default="", help="comma-separated attempts to run, of autoencoder, inpainter, regions64, scales, lowres (default: all)")
+  parser.add_argument("--attempts", default="", help="comma-separated attempts to run, of autoencoder, inpainter, "
+                      "regions64, scales, lowres, longer (default: all)")
   args = parser.parse_args(argv)
 
   import shapjax  # pylint: disable=g-import-not-at-top
@@ -149,6 +156,11 @@ def main(argv=None) -> None:
             "train_commands": {k: "shapjax " + " ".join(v) for k, v in commands.items()},
             "train_seconds": training, "attempts": []}
   args.out.mkdir(parents=True, exist_ok=True)
+  results_path = args.out / f"{dataset}.json"
+  # Attempts run before with the same settings stay in the table (a run with --attempts adds or replaces).
+  earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
+  same = all(earlier.get(k) == record[k] for k in ("image_size", "n_perm", "limit"))
+  kept = [a for a in earlier.get("attempts", []) if same and a["name"] not in {c["name"] for c in chosen}]
   for attempt in chosen:
     params = reference if attempt["checkpoint"] == "autoencoder" else shapjax.load(work / attempt["checkpoint"])
     print(f"{dataset}: {attempt['name']} ...", flush=True)
@@ -156,9 +168,11 @@ def main(argv=None) -> None:
         attempt, params, None if params is reference else reference, args.data, n_perm=args.n_perm,
         limit=args.limit, cache=work / "cache" / attempt["checkpoint"]))
     record["n_images"] = record["attempts"][-1]["n_images"]
-    (args.out / f"{dataset}.json").write_text(json.dumps(record, indent=1))
-    (args.out / f"{dataset}.md").write_text(markdown(record))
-  print(markdown(record))
+    order = {a["name"]: i for i, a in enumerate(attempts())}
+    merged = dict(record, attempts=sorted(kept + record["attempts"], key=lambda a: order.get(a["name"], 99)))
+    results_path.write_text(json.dumps(merged, indent=1))
+    (args.out / f"{dataset}.md").write_text(markdown(merged))
+  print(markdown(merged))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ named after the semivalue of the inpainting game (hidden regions inpainted from 
 
 The baseline setting does not apply to an inpainter.
 
-Any Shapley or inpainting game map takes an ablation suffix: ``":constant"`` replaces each image's region values by their
-mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these ablations does
-not use the Shapley values.
+Any Shapley or inpainting game map takes an ablation suffix: ``":constant"`` replaces each image's region values
+by their mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these
+ablations does not use the game's values.
 
 The image-level score of every map is its maximum. Maps are scored at each ground-truth mask's original size
 (bilinear upsampling) with :mod:`shapjax.metrics`.
@@ -72,6 +72,7 @@ POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
 INPAINT_MAPS = ("inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_16_1", "inpaint_beta_1_4", "inpaint_loo",
                 "inpaint_grid", "inpaint_grid_x_shapley")
 """Examples of an inpainter's map names; any semivalue fits ``inpaint_<index>`` and ``inpaint_grid_x_<index>``."""
+# The best measured first (docs/localization.md).
 INPAINT_DEFAULT_MAPS = ("inpaint_grid", "inpaint_shapley", "inpaint_loo")
 INPAINT_GRID_CELLS = (8, 16)
 BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS)

@@ -79,4 +79,5 @@ def test_inpainting_attempts_train_score_and_resume(dataset, tmp_path):
   inpainting.main(args + ["--attempts", "inpainter"])
   again = json.loads((tmp_path / "out" / f"{dataset.name}.json").read_text())
   assert again["train_seconds"] == {}
-  assert all(a["cached_images"] == a["n_images"] for a in again["attempts"])
+  assert [a["name"] for a in again["attempts"]] == ["autoencoder", "inpainter"]  # the earlier attempt is kept
+  assert again["attempts"][1]["cached_images"] == again["attempts"][1]["n_images"]
