@@ -566,8 +566,8 @@ def evaluate(
       residual = jax.block_until_ready(_reconstruct_one(reference, jnp.asarray(split.images[index]))[1])
       parts.update(residual=np.asarray(residual), residual_seconds=np.float64(time.perf_counter() - start))
     # Entries cached before the additivity was recorded lack it: None, not a recomputation.
-    label = "" if not inpainter else f"{index_label(reported)}_" if reported is not None else None
-    additivity[index] = [None if label is None else _finite_or_none(parts.get(f"additivity_{label}{k}"))
+    prefix = "" if not inpainter else f"{index_label(reported)}_" if reported is not None else None
+    additivity[index] = [None if prefix is None else _finite_or_none(parts.get(f"additivity_{prefix}{k}"))
                          for k in range(len(settings.regions))]
     for name in names:
       image_maps[name].append(anomaly_map(name, parts, settings=settings, seed=settings.seed + index))
