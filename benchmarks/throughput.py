@@ -301,6 +301,46 @@ def forward_section(args, params, module, compiled, image, batch, rounds, device
   return methods
 
 
+def _pytorch_methods(args, module, compiled, run_torch, run_captum, device, *, n_evals_torch: int,
+                     n_evals_captum: int) -> list:
+  """The hand-batched PyTorch sampler at every ``--torch-batch-sizes`` and captum at every ``--captum-ppe``, each
+  eager and with the torch.compile'd model."""
+  methods = []
+  for bs in args.torch_batch_sizes:
+    for label, net in (("eager", module), ("compile", compiled)):
+      methods.append(_Method(f"torch sampler {label} (batch {bs})",
+                             _torch_sync(lambda bs=bs, net=net: run_torch(net, bs), device),
+                             n_evals=n_evals_torch, kind="attribution"))
+  for ppe in args.captum_ppe:
+    for label, net in (("eager", module), ("compile", compiled)):
+      methods.append(_Method(f"captum {label} (ppe {ppe})",
+                             _torch_sync(lambda ppe=ppe, net=net: run_captum(net, ppe), device),
+                             n_evals=n_evals_captum, kind="attribution"))
+  return methods
+
+
+def _agreement(args, run_shapjax, run_sharded, run_torch, run_captum, module, compiled, orders,
+               n_regions: int) -> dict:
+  """Largest difference of each sampler's values from shapjax's on the same permutations, relative to the
+  largest value (``run_sharded`` None: no mesh)."""
+  import numpy as np
+
+  reference = np.asarray(run_shapjax().values)
+  scale = float(np.abs(reference).max())
+  agreement = {}
+  if run_sharded is not None:
+    agreement["shapjax sharded"] = float(np.abs(np.asarray(run_sharded().values) - reference).max() / scale)
+  for name, values in [
+      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
+      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
+      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
+  ]:
+    values = values.detach().cpu().numpy()
+    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
+  agreement["max_abs_value"] = scale
+  return agreement
+
+
 def attribution_section(args, params, module, compiled, image, labels, n_regions, device) -> tuple[list, dict]:
   import jax
   import numpy as np
@@ -351,36 +391,14 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
 
     methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
                               _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
-  for bs in args.torch_batch_sizes:
-    methods.append(_Method(f"torch sampler eager (batch {bs})", _torch_sync(lambda bs=bs: run_torch(module, bs),
-                                                                              device),
-                           n_evals=n_evals_shapjax, kind="attribution"))
-    methods.append(_Method(f"torch sampler compile (batch {bs})",
-                           _torch_sync(lambda bs=bs: run_torch(compiled, bs), device),
-                           n_evals=n_evals_shapjax, kind="attribution"))
-  for ppe in args.captum_ppe:
-    methods.append(_Method(f"captum eager (ppe {ppe})", _torch_sync(lambda ppe=ppe: run_captum(module, ppe), device),
-                           n_evals=n_evals_captum, kind="attribution"))
-    methods.append(_Method(f"captum compile (ppe {ppe})",
-                           _torch_sync(lambda ppe=ppe: run_captum(compiled, ppe), device),
-                           n_evals=n_evals_captum, kind="attribution"))
+  methods += _pytorch_methods(args, module, compiled, run_torch, run_captum, device,
+                              n_evals_torch=n_evals_shapjax, n_evals_captum=n_evals_captum)
   methods += matmul_methods(args.matmul_size)
   _interleave(methods, args.rounds)
 
   # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
-  reference = np.asarray(run_shapjax().values)
-  scale = float(np.abs(reference).max())
-  agreement = {}
-  if n_devices > 1:
-    agreement["shapjax sharded"] = float(np.abs(np.asarray(run_sharded().values) - reference).max() / scale)
-  for name, values in [
-      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
-      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
-      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
-  ]:
-    values = values.detach().cpu().numpy()
-    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
-  agreement["max_abs_value"] = scale
+  agreement = _agreement(args, run_shapjax, run_sharded if n_devices > 1 else None, run_torch, run_captum, module,
+                         compiled, orders, n_regions)
 
   return methods, agreement
 
@@ -447,36 +465,14 @@ def inpainting_section(args, device) -> dict:
 
     methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
                               _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
-  for bs in args.torch_batch_sizes:
-    methods.append(_Method(f"torch sampler eager (batch {bs})", _torch_sync(lambda bs=bs: run_torch(module, bs),
-                                                                              device),
-                           n_evals=n_evals_shapjax, kind="attribution"))
-    methods.append(_Method(f"torch sampler compile (batch {bs})",
-                           _torch_sync(lambda bs=bs: run_torch(compiled, bs), device),
-                           n_evals=n_evals_shapjax, kind="attribution"))
-  for ppe in args.captum_ppe:
-    methods.append(_Method(f"captum eager (ppe {ppe})", _torch_sync(lambda ppe=ppe: run_captum(module, ppe), device),
-                           n_evals=n_evals_captum, kind="attribution"))
-    methods.append(_Method(f"captum compile (ppe {ppe})",
-                           _torch_sync(lambda ppe=ppe: run_captum(compiled, ppe), device),
-                           n_evals=n_evals_captum, kind="attribution"))
+  methods += _pytorch_methods(args, module, compiled, run_torch, run_captum, device,
+                              n_evals_torch=n_evals_shapjax, n_evals_captum=n_evals_captum)
   methods += matmul_methods(args.matmul_size)
   _interleave(methods, args.rounds)
 
   # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
-  reference = np.asarray(run_shapjax().values)
-  scale = float(np.abs(reference).max())
-  agreement = {}
-  if n_devices > 1:
-    agreement["shapjax sharded"] = float(np.abs(np.asarray(run_sharded().values) - reference).max() / scale)
-  for name, values in [
-      ("torch eager", run_torch(module, args.batch_size)[0].mean(0)),
-      ("torch.compile", run_torch(compiled, args.batch_size)[0].mean(0)),
-      ("captum eager", run_captum(module, args.batch_size, orders)[0]),
-  ]:
-    values = values.detach().cpu().numpy()
-    agreement[name] = float(np.abs(values[:n_regions] - reference[:n_regions]).max() / scale)
-  agreement["max_abs_value"] = scale
+  agreement = _agreement(args, run_shapjax, run_sharded if n_devices > 1 else None, run_torch, run_captum, module,
+                         compiled, orders, n_regions)
   return {"methods": methods, "flops": inpainter_flops(config), "agreement": agreement, "config": config.to_dict(),
           "regions": n_regions, "max_regions": max_regions, "n_perm": n_perm}
 

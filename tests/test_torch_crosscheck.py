@@ -66,9 +66,15 @@ def test_shapley_values_match_for_same_permutations(key):
   module = torch_reference.torch_autoencoder(params)
   baseline = torch_reference.to_nchw(masking.make_baseline(image, "blur"))
   ranks = torch_reference.shapjax_ranks(sample_key, n_perm, max_regions, n_regions, estimator=estimator)
+  _assert_samplers_agree(lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
+                         baseline, labels, ranks, result, n_perm, n_regions)
+
+
+def _assert_samplers_agree(value_fn, t_image, t_baseline, labels, ranks, result, n_perm, n_regions):
+  """The hand-batched PyTorch sampler and captum, on shapjax's permutations, give ``result``'s values."""
+  t_labels = torch.as_tensor(labels, dtype=torch.long)
   contributions, n_evals = torch_reference.torch_permutation_shapley(
-      lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
-      torch.as_tensor(labels, dtype=torch.long), baseline, torch.as_tensor(ranks), n_regions, batch_size=7)
+      value_fn, t_image, t_labels, t_baseline, torch.as_tensor(ranks), n_regions, batch_size=7)
   values = contributions.mean(0).numpy()
   assert n_evals == int(result.n_evals)
   scale = np.abs(np.asarray(result.values)).max()
@@ -77,8 +83,7 @@ def test_shapley_values_match_for_same_permutations(key):
   assert np.all(values[n_regions:] == 0)
 
   captum_values, captum_evals = torch_reference.captum_shapley(
-      lambda x: torch_reference.reconstruction_loss(module, x), torch_reference.to_nchw(image),
-      torch.as_tensor(labels, dtype=torch.long), baseline, n_perm, perturbations_per_eval=4,
+      value_fn, t_image, t_labels, t_baseline, n_perm, perturbations_per_eval=4,
       orders=torch_reference.permutation_orders(ranks, n_regions))
   assert captum_evals == 1 + n_perm * n_regions
   np.testing.assert_allclose(captum_values.numpy(), np.asarray(result.values)[:n_regions], atol=1e-4 * scale,
@@ -121,25 +126,10 @@ def test_inpainting_game_values_match_for_same_permutations(key):
   t_image = torch_reference.to_nchw(image)
   value_fn = torch_reference.inpainting_game(module, t_image)
   ones, zeros = torch_reference.inpainting_inputs(t_image)
-  t_labels = torch.as_tensor(labels, dtype=torch.long)
   # v(every region visible) = 0 exactly; v(none visible) = minus the whole image's error, which the values sum to.
   all_visible, none_visible = value_fn(torch.stack([ones, zeros])).detach().numpy()
   assert all_visible == 0 and none_visible < 0
   np.testing.assert_allclose(float(np.sum(np.asarray(result.values))), -none_visible, rtol=1e-4)
 
   ranks = torch_reference.shapjax_ranks(sample_key, n_perm, max_regions, n_regions)
-  contributions, n_evals = torch_reference.torch_permutation_shapley(
-      value_fn, ones, t_labels, zeros, torch.as_tensor(ranks), n_regions, batch_size=7)
-  values = contributions.mean(0).numpy()
-  assert n_evals == int(result.n_evals)
-  scale = np.abs(np.asarray(result.values)).max()
-  assert scale > 0
-  np.testing.assert_allclose(values, np.asarray(result.values), atol=1e-4 * scale, rtol=0)
-  assert np.all(values[n_regions:] == 0)
-
-  captum_values, captum_evals = torch_reference.captum_shapley(
-      value_fn, ones, t_labels, zeros, n_perm, perturbations_per_eval=4,
-      orders=torch_reference.permutation_orders(ranks, n_regions))
-  assert captum_evals == 1 + n_perm * n_regions
-  np.testing.assert_allclose(captum_values.numpy(), np.asarray(result.values)[:n_regions], atol=1e-4 * scale,
-                             rtol=0)
+  _assert_samplers_agree(value_fn, ones, zeros, labels, ranks, result, n_perm, n_regions)
