@@ -17,7 +17,8 @@ scores every map of every attempt with ``shapjax.evaluate`` on the test split an
 
 Each attempt's per-image parts are cached in ``--work``, so a rerun (or a run with more maps) only computes what
 is missing. Results: ``OUT/<dataset>.json`` (every map's metrics, seconds per image and the median additivity of
-the game per attempt) and ``OUT/<dataset>.md``.
+the game per attempt) and ``OUT/<dataset>.md`` (``<dataset>-subset<K>`` with ``--limit K``). ``--maps``
+restricts every attempt to some of its maps (the cache keeps them, so a later run adds the rest).
 
     python -m benchmarks.inpainting ../shared/data/kolektor_sdd --image-size 160 64 \\
         --work ../inpainting-work --out benchmarks/results/inpainting
@@ -133,6 +134,8 @@ def main(argv=None) -> None:
   parser.add_argument("--steps-inpainter", type=int, default=1500)
   parser.add_argument("--attempts", default="", help="comma-separated attempts to run, of autoencoder, inpainter, "
                       "regions64, scales, lowres, longer (default: all)")
+  parser.add_argument("--maps", default="", help="comma-separated maps: each attempt scores only those of its maps "
+                      "(default: all of them)")
   args = parser.parse_args(argv)
 
   import shapjax  # pylint: disable=g-import-not-at-top
@@ -141,6 +144,12 @@ def main(argv=None) -> None:
   work = args.work / dataset
   commands = train_commands(args.data, work, tuple(args.image_size), args.steps_autoencoder, args.steps_inpainter)
   chosen = [a for a in attempts() if not args.attempts or a["id"] in args.attempts.split(",")]
+  if args.maps:
+    wanted = args.maps.split(",")
+    chosen = [dict(a, maps=tuple(m for m in a["maps"] if m in wanted)) for a in chosen]
+    chosen = [a for a in chosen if a["maps"]]
+    if not chosen:
+      parser.error(f"no chosen attempt has any of the maps {wanted}")
   training = {}
   for checkpoint in dict.fromkeys(["autoencoder", *(a["checkpoint"] for a in chosen)]):
     if not (work / checkpoint).is_dir():
@@ -156,22 +165,27 @@ def main(argv=None) -> None:
             "train_commands": {k: "shapjax " + " ".join(v) for k, v in commands.items()},
             "train_seconds": training, "attempts": []}
   args.out.mkdir(parents=True, exist_ok=True)
-  results_path = args.out / f"{dataset}.json"
+  # The whole test split and a subset are separate tables.
+  stem = dataset if args.limit is None else f"{dataset}-subset{args.limit}"
+  results_path = args.out / f"{stem}.json"
   # Attempts run before with the same settings stay in the table (a run with --attempts adds or replaces).
   earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
   same = all(earlier.get(k) == record[k] for k in ("image_size", "n_perm", "limit"))
   kept = [a for a in earlier.get("attempts", []) if same and a["name"] not in {c["name"] for c in chosen}]
+  earlier_maps = {a["name"]: a["maps"] for a in earlier.get("attempts", [])} if same else {}
   for attempt in chosen:
     params = reference if attempt["checkpoint"] == "autoencoder" else shapjax.load(work / attempt["checkpoint"])
     print(f"{dataset}: {attempt['name']} ...", flush=True)
-    record["attempts"].append(run_attempt(
-        attempt, params, None if params is reference else reference, args.data, n_perm=args.n_perm,
-        limit=args.limit, cache=work / "cache" / attempt["checkpoint"]))
+    result = run_attempt(attempt, params, None if params is reference else reference, args.data,
+                         n_perm=args.n_perm, limit=args.limit, cache=work / "cache" / attempt["checkpoint"])
+    # Maps of this attempt scored before (and not now, with --maps) stay in its row.
+    result["maps"] = {**earlier_maps.get(attempt["name"], {}), **result["maps"]}
+    record["attempts"].append(result)
     record["n_images"] = record["attempts"][-1]["n_images"]
     order = {a["name"]: i for i, a in enumerate(attempts())}
     merged = dict(record, attempts=sorted(kept + record["attempts"], key=lambda a: order.get(a["name"], 99)))
     results_path.write_text(json.dumps(merged, indent=1))
-    (args.out / f"{dataset}.md").write_text(markdown(merged))
+    (args.out / f"{stem}.md").write_text(markdown(merged))
   print(markdown(merged))
 
 

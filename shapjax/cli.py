@@ -68,6 +68,16 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _weight(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+  if not 0 <= value < float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+  return value
+
+
 def _features(text: str) -> tuple[int, ...]:
   try:
     values = tuple(int(v) for v in text.split(","))
@@ -150,7 +160,8 @@ def _add_train(subparsers) -> None:
       "holes) on the defect-free images of an MVTec-layout dataset (DATA_DIR/train/good). Saves orbax checkpoints "
       "in CKPT_DIR every --checkpoint-every steps and at the end, and a loss curve CKPT_DIR/loss.png. "
       "Interrupted? Run the same command with --resume.")
-  parser.set_defaults(features_given=False, latent_features_given=False, context_given=False)
+  parser.set_defaults(features_given=False, latent_features_given=False, context_given=False,
+                      ssim_weight_given=False, gms_weight_given=False)
   parser.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder in the MVTec AD layout")
   parser.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint folder (created)")
   parser.add_argument("--steps", type=_positive_int, default=defaults.steps, metavar="N",
@@ -180,6 +191,11 @@ def _add_train(subparsers) -> None:
   parser.add_argument("--context", choices=inpainting.CONTEXTS, default=context, action=_StoreGiven,
                       help=f"--model inpainting only: 'lowres' also shows the model a pooled copy of the whole "
                       f"image (default {context})")
+  for name, term in (("ssim", "1 - SSIM (structural similarity)"), ("gms", "1 - GMS (gradient magnitude similarity)")):
+    parser.add_argument(f"--{name}-weight", type=_weight, default=_field_default(inpainting.InpainterConfig,
+                        f"{name}_weight"), metavar="W", action=_StoreGiven,
+                        help=f"--model inpainting only: add W times {term} of the completed image on the hidden "
+                        "pixels to the training loss (default 0)")
   parser.add_argument("--no-flips", dest="flips", action="store_false", default=defaults.flips,
                       help="do not flip training images at random")
   parser.add_argument("--max-shift", type=int, default=defaults.max_shift, metavar="P",
@@ -241,14 +257,16 @@ def _run_train(args) -> int:
                       f"({args.devices * args.num_processes})")
   if args.model == "inpainting" and args.latent_features_given:
     raise _UsageError("--latent-features is an option of the autoencoder, not of --model inpainting")
-  if args.model == "autoencoder" and args.context_given:
-    raise _UsageError("--context is an option of --model inpainting")
+  for option in ("context", "ssim_weight", "gms_weight"):
+    if args.model == "autoencoder" and getattr(args, f"{option}_given"):
+      raise _UsageError(f"--{option.replace('_', '-')} is an option of --model inpainting")
   mesh = _train_mesh(args.devices)  # before any JAX computation: it may split the CPU into devices
   print(f"reading {Path(args.data_dir) / 'train' / 'good'} ...", file=sys.stderr, flush=True)
   split = shapjax.load_mvtec(args.data_dir, split="train", image_size=args.image_size)
   if args.model == "inpainting":
     options = {"features": args.features} if args.features_given else {}
-    model_config = shapjax.InpainterConfig(image_shape=split.images.shape[1:], context=args.context, **options)
+    model_config = shapjax.InpainterConfig(image_shape=split.images.shape[1:], context=args.context,
+                                           ssim_weight=args.ssim_weight, gms_weight=args.gms_weight, **options)
   else:
     model_config = shapjax.AutoencoderConfig(image_shape=split.images.shape[1:], features=args.features,
                                              latent_features=args.latent_features)

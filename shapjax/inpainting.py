@@ -10,13 +10,13 @@ low-resolution copy of the whole image (``context="lowres"``). Output: the predi
 :func:`inpaint` keeps the visible pixels as given and takes the hidden ones from the prediction. Training
 (:func:`shapjax.train` with an :class:`InpainterConfig`) hides random square cells or Voronoi blobs of each
 image (:func:`random_visible_masks`) and minimises :func:`inpainting_loss`, the squared error on the hidden
-pixels. Because hidden inputs are zeroed before the network sees them (and the context, when used, is the only
+pixels (plus, if configured, SSIM and gradient-magnitude terms). Because hidden inputs are zeroed before the network sees them (and the context, when used, is the only
 other path), the output does not depend on hidden pixel values with ``context="none"``.
 
 Architecture: stride-2 3x3 convolutions down (skips kept at every resolution, the input itself included), two
 3x3 convolutions at the lowest resolution, and back up by 3x3 convolution + depth-to-space, each step
 concatenating the skip of its resolution and mixing it with a 3x3 convolution; a sigmoid 3x3 convolution at full
-resolution gives the image. Skips matter here, unlike in the autoencoder: the visible pixels next to a hole are
+resolution gives the image (on CPU computed phase-wise at half resolution, as the autoencoder's output layer). Skips matter here, unlike in the autoencoder: the visible pixels next to a hole are
 the best evidence of what it holds.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import dm_pix
 import flax.linen as nn
 import flax.struct
 import jax
@@ -54,6 +55,12 @@ class InpainterConfig:
     hide_rate: ``(low, high)``: each training image draws a rate uniformly from this range and hides each cell or
       blob with that probability, so on average ``(low + high) / 2`` of the area is hidden, from nearly none to
       most of it.
+    ssim_weight: weight of a structural term in the training loss: ``1 - SSIM`` of the completed image against
+      the original (Wang et al. 2004; 11x11 Gaussian windows of sigma 1.5, by ``dm_pix.ssim``) on the hidden
+      pixels. 0 (the default) trains on the squared error alone.
+    gms_weight: weight of a gradient-magnitude term: ``1 - GMS``, the gradient magnitude similarity of Prewitt
+      gradients (as in RIAD, Zavrtanik et al. 2021) between the completed and the original image, on the hidden
+      pixels.
   """
 
   image_shape: tuple[int, int, int]
@@ -62,6 +69,8 @@ class InpainterConfig:
   cell_sizes: tuple[int, ...] = (4, 8, 16, 32)
   blob_counts: tuple[int, ...] = (16, 32, 64)
   hide_rate: tuple[float, float] = (0.2, 0.6)
+  ssim_weight: float = 0.0
+  gms_weight: float = 0.0
 
   def __post_init__(self):
     shape = tuple(int(s) for s in self.image_shape)
@@ -82,6 +91,11 @@ class InpainterConfig:
     if len(rate) != 2 or not 0.0 <= rate[0] <= rate[1] <= 1.0:
       raise ValueError(f"hide_rate must be (low, high) with 0 <= low <= high <= 1, got {self.hide_rate}")
     object.__setattr__(self, "hide_rate", rate)
+    for name in ("ssim_weight", "gms_weight"):
+      weight = float(getattr(self, name))
+      if not weight >= 0.0 or weight == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+      object.__setattr__(self, name, weight)
 
   @classmethod
   def tiny(cls, image_shape: tuple[int, int, int] = (32, 32, 1)) -> "InpainterConfig":
@@ -145,9 +159,17 @@ class _UNet(nn.Module):
     for features, skip in zip(cfg.features[-2::-1], skips[-2:0:-1]):
       x = jnp.concatenate([up(x, features), skip], axis=-1)
       x = nn.relu(_Conv(features, (3, 3), padding="SAME")(x))
-    # Full resolution: as in the autoencoder, the last upsampling keeps half the first layer's channels.
-    x = jnp.concatenate([up(x, max(cfg.features[0] // 2, channels)), skips[0]], axis=-1)
-    x = nn.sigmoid(_Conv(channels, (3, 3), padding="SAME")(x))
+    # Full resolution: as in the autoencoder, the last upsampling keeps half the first layer's channels. The
+    # output layer is nn.Conv(channels, (3, 3)) of concat([depth_to_space(y), input]); it runs as
+    # speedups.ShuffleOutputConv on the four phases of both at half resolution (the input through
+    # space_to_depth, a copy of a few channels), named as nn.Conv would be, so the params tree is a plain conv's.
+    up_features = max(cfg.features[0] // 2, channels)
+    y = nn.relu(_Conv(4 * up_features, (3, 3), padding="SAME")(x))
+    n, h, w, _ = y.shape
+    phases = jnp.concatenate([y.reshape(n, h, w, 4, up_features),
+                              speedups.space_to_depth(skips[0], 2).reshape(n, h, w, 4, -1)], axis=-1)
+    output = speedups.ShuffleOutputConv(channels, name=f"Conv_{3 * len(cfg.features) + 1}")
+    x = nn.sigmoid(output(phases.reshape(n, h, w, -1)))
     return x[:, :height, :width, :]
 
 
@@ -264,10 +286,48 @@ def inpaint(params: InpainterParams, images: ArrayLike, visible_mask: ArrayLike)
   return images * visible[..., None] + prediction * (1.0 - visible[..., None])
 
 
-def inpainting_loss(params: InpainterParams, images: ArrayLike, visible_mask: ArrayLike) -> jax.Array:
-  """Mean squared error of the prediction over each image's hidden pixels (and channels): ``f32[N]``.
+# RIAD's constant of the gradient magnitude similarity (images in [0, 1]).
+_GMS_CONSTANT = 0.0026
 
-  The training objective. An image with no hidden pixel has loss 0.
+
+def ssim_map(images: ArrayLike, references: ArrayLike) -> jax.Array:
+  """Per-pixel SSIM of ``f32[N, H, W, C]`` images against references, averaged over channels: ``f32[N, H, W]``.
+
+  11x11 Gaussian windows (sigma 1.5) on images in ``[0, 1]``, edges reflected so the map has the images' size.
+  """
+  pads = ((0, 0), (5, 5), (5, 5), (0, 0))
+  a = jnp.pad(jnp.asarray(images, jnp.float32), pads, mode="reflect")
+  b = jnp.pad(jnp.asarray(references, jnp.float32), pads, mode="reflect")
+  return jnp.mean(dm_pix.ssim(a, b, max_val=1.0, return_map=True), axis=-1)
+
+
+def _prewitt_magnitude(images: jax.Array) -> jax.Array:
+  x = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  gy = jnp.sum(jnp.stack([x[:, 2:, j:j + images.shape[2]] - x[:, :-2, j:j + images.shape[2]] for j in range(3)]),
+               axis=0) / 3.0
+  gx = jnp.sum(jnp.stack([x[:, i:i + images.shape[1], 2:] - x[:, i:i + images.shape[1], :-2] for i in range(3)]),
+               axis=0) / 3.0
+  return jnp.sqrt(jnp.square(gx) + jnp.square(gy) + 1e-12)
+
+
+def gms_map(images: ArrayLike, references: ArrayLike) -> jax.Array:
+  """Gradient magnitude similarity of ``f32[N, H, W, C]`` images against references: ``f32[N, H, W]`` in (0, 1].
+
+  ``(2 g h + c) / (g^2 + h^2 + c)`` of the Prewitt gradient magnitudes ``g``, ``h`` (3x3, edges repeated),
+  ``c = 0.0026``, averaged over channels; 1 where the gradients agree.
+  """
+  g = _prewitt_magnitude(jnp.asarray(images, jnp.float32))
+  h = _prewitt_magnitude(jnp.asarray(references, jnp.float32))
+  return jnp.mean((2 * g * h + _GMS_CONSTANT) / (jnp.square(g) + jnp.square(h) + _GMS_CONSTANT), axis=-1)
+
+
+def inpainting_loss(params: InpainterParams, images: ArrayLike, visible_mask: ArrayLike) -> jax.Array:
+  """The training objective: each image's mean loss over its hidden pixels, ``f32[N]``.
+
+  Per hidden pixel: the squared error of the prediction (mean over channels), plus
+  ``config.ssim_weight * (1 - SSIM)`` and ``config.gms_weight * (1 - GMS)`` of the completed image (visible
+  pixels as given, hidden ones predicted) against the original (:func:`ssim_map`, :func:`gms_map`) when those
+  weights are not 0. An image with no hidden pixel has loss 0.
 
   Args:
     params: inpainter params.
@@ -276,7 +336,15 @@ def inpainting_loss(params: InpainterParams, images: ArrayLike, visible_mask: Ar
   """
   images, visible = _inputs(params, images, visible_mask)
   hidden = 1.0 - visible
-  error = jnp.mean(jnp.square(predict(params, images, visible) - images), axis=-1)
+  prediction = _UNet(params.config).apply({"params": params.weights}, images, visible)
+  error = jnp.mean(jnp.square(prediction - images), axis=-1)
+  config = params.config
+  if config.ssim_weight or config.gms_weight:
+    completed = images * visible[..., None] + prediction * hidden[..., None]
+    if config.ssim_weight:
+      error = error + config.ssim_weight * (1.0 - ssim_map(completed, images))
+    if config.gms_weight:
+      error = error + config.gms_weight * (1.0 - gms_map(completed, images))
   return jnp.sum(error * hidden, axis=(1, 2)) / jnp.maximum(jnp.sum(hidden, axis=(1, 2)), 1.0)
 
 

@@ -142,6 +142,14 @@ def depth_to_space(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(n, h * block, w * block, c // (block * block))
 
 
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+  """The inverse of :func:`depth_to_space`: ``f32[N, b*h, b*w, C] -> f32[N, h, w, b*b*C]``."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // block, block, w // block, block, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h // block, w // block, block * block * c)
+
+
 def _corner_taps() -> np.ndarray:
   """``T[s, alpha, a, d]``: which full-resolution tap ``d - 1`` a 2x2 corner window position ``s`` holds.
 

@@ -108,8 +108,60 @@ def test_loss_covers_only_hidden_pixels(key):
   np.testing.assert_allclose(loss[1], np.mean((prediction[1, :16] - images[1, :16]) ** 2), rtol=1e-5)
 
 
+@pytest.mark.parametrize("context", ["none", "lowres"])
+@pytest.mark.parametrize("shape", [(19, 13, 1), (16, 24, 3)])
+def test_phase_wise_output_layer_equals_the_plain_convolution(shape, context, monkeypatch):
+  # On CPU the output convolution runs on the half-resolution phases of the last upsampling and of the input;
+  # with SHAPJAX_XLA_DEFAULTS=1 it is nn.Conv on their full-resolution concatenation. Random biases too.
+  params = shapjax.init_inpainter(shape, key=jax.random.key(0), features=(4, 8), context=context)
+  leaves, tree = jax.tree.flatten(params.weights)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = params.replace(weights=jax.tree.unflatten(
+      tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]))
+  assert sorted(params.weights) == [f"Conv_{i}" for i in sorted(range(3 * 2 + 2), key=str)]
+  rng = np.random.default_rng(0)
+  images = rng.random((3, *shape), dtype=np.float32)
+  visible = rng.random((3, *shape[:2])) < 0.6
+  fast = np.asarray(inpainting.predict(params, images, visible))
+  monkeypatch.setenv("SHAPJAX_XLA_DEFAULTS", "1")
+  np.testing.assert_allclose(fast, inpainting.predict(params, images, visible), atol=2e-6)
+
+
+def test_ssim_and_gradient_magnitude_maps(key):
+  from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a = rng.random((2, 24, 20, 1), dtype=np.float32)
+  b = np.clip(a + 0.2 * rng.standard_normal(a.shape, dtype=np.float32), 0, 1)
+  np.testing.assert_allclose(inpainting.ssim_map(a, a), 1.0, atol=1e-5)
+  np.testing.assert_allclose(inpainting.gms_map(a, a), 1.0, atol=1e-6)
+  ssim = np.asarray(inpainting.ssim_map(a, b))
+  assert ssim.shape == (2, 24, 20)
+  for i in range(2):  # scikit-image's Gaussian SSIM, away from the edges (where the two pad differently)
+    _, expected = structural_similarity(a[i, ..., 0], b[i, ..., 0], gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1.0, full=True)
+    np.testing.assert_allclose(ssim[i, 5:-5, 5:-5], expected[5:-5, 5:-5], atol=1e-4)
+  gms = np.asarray(inpainting.gms_map(a, b))
+  assert gms.shape == (2, 24, 20) and np.all((gms > 0) & (gms <= 1 + 1e-6)) and gms.mean() < 0.95
+  # The training loss adds the weighted terms of the completed image on the hidden pixels.
+  images = rng.random((3, *SHAPE), dtype=np.float32)
+  visible = np.ones((3, 32, 32), bool)
+  visible[1, :16] = False
+  visible[2, 8:20, 4:30] = False
+  plain = shapjax.init_inpainter(config=_config(), key=key)
+  weighted = plain.replace(config=_config(ssim_weight=0.5, gms_weight=2.0))
+  prediction = np.asarray(inpainting.predict(plain, images, visible))
+  completed = np.where(visible[..., None], images, prediction)
+  per_pixel = (np.mean((prediction - images) ** 2, axis=-1) + 0.5 * (1 - inpainting.ssim_map(completed, images))
+               + 2.0 * (1 - inpainting.gms_map(completed, images)))
+  hidden = ~visible
+  expected = [0.0] + [per_pixel[i][hidden[i]].mean() for i in (1, 2)]
+  np.testing.assert_allclose(shapjax.inpainting_loss(weighted, images, visible), expected, rtol=1e-5)
+  assert np.all(np.asarray(shapjax.inpainting_loss(plain, images, visible))[1:] < expected[1:])
+
+
 def test_config_round_trip_and_checks():
-  config = shapjax.InpainterConfig((40, 24, 3), features=(4, 8, 16), context="lowres")
+  config = shapjax.InpainterConfig((40, 24, 3), features=(4, 8, 16), context="lowres", ssim_weight=1.0,
+                                   gms_weight=0.5)
   assert shapjax.InpainterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
   hash(config)
   train_config = shapjax.TrainConfig.tiny((40, 24, 3), model=config)
@@ -118,6 +170,10 @@ def test_config_round_trip_and_checks():
     shapjax.InpainterConfig(SHAPE, context="blur")
   with pytest.raises(ValueError, match="hide_rate"):
     shapjax.InpainterConfig(SHAPE, hide_rate=(0.6, 0.2))
+  for name in ("ssim_weight", "gms_weight"):
+    for bad in (-1.0, float("nan"), float("inf")):
+      with pytest.raises(ValueError, match=name):
+        shapjax.InpainterConfig(SHAPE, **{name: bad})
   with pytest.raises(ValueError, match="both empty"):
     shapjax.InpainterConfig(SHAPE, cell_sizes=(), blob_counts=())
   with pytest.raises(TypeError, match="InpainterParams"):
@@ -199,12 +255,18 @@ def test_cli_trains_an_inpainter(tmp_path):
   env.pop("XLA_FLAGS", None)
   command = [sys.executable, "-m", "shapjax", "train", str(data), "--out", str(tmp_path / "ckpt"), "--model",
              "inpainting", "--steps", "2", "--image-size", "24", "40", "--features", "4,8", "--batch-size", "4",
-             "--quiet"]
+             "--ssim-weight", "0.5", "--gms-weight", "1", "--quiet"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   params = shapjax.load(tmp_path / "ckpt")
   assert isinstance(params, shapjax.InpainterParams)
   assert params.config.features == (4, 8) and params.config.image_shape[:2] == (24, 40)
+  assert (params.config.ssim_weight, params.config.gms_weight) == (0.5, 1.0)
   wrong = subprocess.run(command[:-1] + ["--latent-features", "4"], env=env, capture_output=True, text=True,
                          timeout=300)
   assert wrong.returncode == 2 and "--latent-features" in wrong.stderr
+  base = command[:command.index("--model")] + ["--steps", "1", "--quiet"]
+  for extra, option in ((["--ssim-weight", "1"], "--ssim-weight"),  # an autoencoder has no such term
+                        (["--model", "inpainting", "--gms-weight", "-1"], "--gms-weight")):
+    wrong = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and option in wrong.stderr, wrong.stderr[-2000:]
