@@ -295,11 +295,14 @@ def _add_explain(subparsers) -> None:
   baseline, top_k = _default(explain_files, "baseline"), _default(explain_files, "top_k")
   compactness = _default(explain_files, "compactness")
   parser = _add_parser(
-      subparsers, "explain", _run_explain, help="Shapley values of superpixels for image files",
+      subparsers, "explain", _run_explain, help="Shapley values of superpixels and the pixel map for image files",
       description="For each IMAGE: resize it to the model's input size, split it into SLIC superpixels, estimate "
-      "each region's Shapley value for the autoencoder's reconstruction loss, and write OUT_DIR/<name>.png (image, "
-      "superpixels, heat map, top regions outlined) and OUT_DIR/<name>.json (per-region values and standard "
-      "errors). Images inside an MVTec layout get their ground truth outlined.")
+      "each region's Shapley value in the model's game (an autoencoder's reconstruction loss, an inpainter's "
+      "inpainting error), compute the model's default pixel map (residual for an autoencoder, inpaint_grid for an "
+      "inpainter), and write OUT_DIR/<name>.png (image, superpixels, value map, top regions outlined, pixel map) and "
+      "OUT_DIR/<name>.json (per-region values and standard errors, the pixel map's name). Images inside an MVTec "
+      "layout get their ground truth outlined and, for a defective image, the pixel AUROC of the value map and of "
+      "the pixel map.")
   parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP or TIFF files")
   parser.add_argument("--checkpoint", required=True, metavar="CKPT_DIR",
                       help="a checkpoint folder from 'shapjax train' (its latest step) or shapjax.save")
@@ -309,7 +312,7 @@ def _add_explain(subparsers) -> None:
   parser.add_argument("--regions", type=_positive_int, default=regions, metavar="R",
                       help=f"at most R superpixels (SLIC aims at R; default {regions})")
   parser.add_argument("--baseline", choices=masking.BASELINES, default=baseline,
-                      help=f"what absent regions are replaced with (default {baseline})")
+                      help=f"what absent regions are replaced with in an autoencoder's game (default {baseline})")
   parser.add_argument("--top", type=_positive_int, default=top_k, metavar="K",
                       help=f"regions outlined (default {top_k})")
   parser.add_argument("--compactness", type=_positive_float, default=compactness, metavar="C",
@@ -332,8 +335,11 @@ def _run_explain(args) -> int:
   for record in records:
     top = record["regions"][record["regions_by_value"][0]]
     additivity = "-" if record["additivity"] is None else f"{record['additivity']:.4f}"
+    aurocs = "" if record["pixel_auroc_pixel_map"] is None else (
+        f", pixel AUROC region values {record['pixel_auroc_region_values']:.3f} / {record['pixel_map']} "
+        f"{record['pixel_auroc_pixel_map']:.3f}")
     print(f"{record['image']}: top region {top['id']} value {top['value']:+.3e} ± {top['stderr']:.1e}, "
-          f"additivity {additivity} -> {record['figure']}")
+          f"additivity {additivity}{aurocs} -> {record['figure']}")
   print(f"wrote {len(records)} figures and JSON files to {args.out}"
         + (f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""))
   return 0
@@ -348,8 +354,11 @@ def _add_demo(subparsers) -> None:
   parser = _add_parser(
       subparsers, "demo", _run_demo, help="the whole job on generated data (no downloads)",
       description="Build a small defect dataset from a texture scikit-image ships (crops with painted scratches "
-      "and blobs whose masks are known), train an autoencoder, explain a few defective images, and write the "
-      "figures and a metrics summary. A few minutes on 2 CPU cores; --quick takes seconds.")
+      "and blobs whose masks are known), train an autoencoder and an inpainter, explain a few defective images "
+      "with the inpainter (Shapley values of superpixels in its inpainting game, beside its inpaint_grid pixel "
+      "map), score the inpaint_grid, residual, inpaint_shapley and inpaint_loo maps on the whole test split "
+      "(image AUROC, pixel AUROC, AUPRO), and write the figures and a metrics summary. A few minutes on 2 CPU "
+      "cores; --quick takes seconds.")
   parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
   parser.add_argument("--quick", action="store_true", help="tiny images, model and sample (for tests)")
   parser.add_argument("--seed", type=int, default=seed, metavar="K", help=f"PRNG seed (default {seed})")
@@ -363,8 +372,8 @@ def _run_demo(args) -> int:
   log = lambda message: print(message, file=sys.stderr, flush=True)
   summary = shapjax.run_demo(args.out, config=config, seed=args.seed, progress=not args.quiet, log=log)
   print((Path(args.out) / "summary.md").read_text())
-  print(f"demo output in {Path(args.out).absolute()}: overview.png, explanations/, checkpoint/loss.png, "
-        f"summary.json ({summary['total_seconds']} s)")
+  print(f"demo output in {Path(args.out).absolute()}: summary.md, summary.json, overview.png, explanations/, "
+        f"checkpoint/autoencoder/loss.png, checkpoint/inpainter/loss.png ({summary['total_seconds']} s)")
   return 0
 
 

@@ -41,6 +41,10 @@ Any Shapley or inpainting game map takes an ablation suffix: ``":constant"`` rep
 by their mean, ``":shuffled"`` permutes them among the image's regions. A map whose score survives these
 ablations does not use the game's values.
 
+Each model kind has a default map (:func:`default_map`): its own pixel-level map, ``residual`` for an
+autoencoder and ``inpaint_grid`` for an inpainter, the best measured of its kind. :func:`image_map` computes any
+one map of one image the way :func:`evaluate` does.
+
 The image-level score of every map is its maximum. Maps are scored at each ground-truth mask's original size
 (bilinear upsampling) with :mod:`shapjax.metrics`.
 """
@@ -61,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 import skimage.transform
+from jax.typing import ArrayLike
 
 from shapjax import attribution, inpainting, masking, metrics, model, sampling, segmentation, speedups
 
@@ -72,14 +77,17 @@ POOLED_MAPS = ("pooled_residual", "residual_x_pooled_norm")
 INPAINT_MAPS = ("inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_16_1", "inpaint_beta_1_4", "inpaint_loo",
                 "inpaint_grid", "inpaint_grid_x_shapley")
 """Examples of an inpainter's map names; any semivalue fits ``inpaint_<index>`` and ``inpaint_grid_x_<index>``."""
-# The best measured first (docs/localization.md).
-INPAINT_DEFAULT_MAPS = ("inpaint_grid", "inpaint_shapley", "inpaint_loo")
+# Each model kind's own pixel-level map (no game): the best measured map of that kind (docs/localization.md), the
+# one evaluate() lists first and explain_files() and the demo show beside the region values.
+_DEFAULT_MAP_OF_KIND = {"autoencoder": "residual", "inpainting": "inpaint_grid"}
+INPAINT_DEFAULT_MAPS = (_DEFAULT_MAP_OF_KIND["inpainting"], "inpaint_shapley", "inpaint_loo")
 INPAINT_GRID_CELLS = (8, 16)
 BASE_MAPS = ("residual", *SHAPLEY_MAPS, *POOLED_MAPS)
 """Names of an autoencoder's anomaly maps; the Shapley ones also take the suffixes ``:constant`` and ``:shuffled``."""
 _INPAINT_PATTERN = re.compile(r"inpaint_(grid_x_)?(shapley|banzhaf|loo|beta_([0-9.]+)_([0-9.]+))")
 ABLATIONS = ("constant", "shuffled")
-DEFAULT_MAPS = ("residual", "shapley", "shapley_area", "residual_x_shapley", "residual_x_shapley_norm")
+DEFAULT_MAPS = (_DEFAULT_MAP_OF_KIND["autoencoder"], "shapley", "shapley_area", "residual_x_shapley",
+                "residual_x_shapley_norm")
 DEFAULT_N_PERM = 8
 DEFAULT_REGIONS = (32,)
 DEFAULT_BASELINE = "reconstruction"
@@ -376,6 +384,85 @@ def _map_seconds(name: str, parts) -> float:
   index = map_index(base)
   cost = float(parts[f"seconds_{index_label(index)}"]) if index is not None else 0.0
   return cost + (float(parts["grid_seconds"]) if base == "inpaint_grid" or "_grid_x_" in base else 0.0)
+
+
+# --- One map of one image ---------------------------------------------------------------------------------------
+
+def default_map(params) -> str:
+  """The map a model kind is scored and shown by: its own pixel-level map, which needs no game.
+
+  ``"residual"`` for an autoencoder, ``"inpaint_grid"`` for an inpainter: the best measured map of each kind
+  (``docs/localization.md``). :func:`evaluate` lists it first by default, :func:`shapjax.explain_files` draws it
+  beside the region values.
+
+  Args:
+    params: an autoencoder's or an inpainter's params (or their config).
+
+  Returns:
+    A map name (:func:`parse_map_name`).
+
+  Example:
+    >>> import shapjax
+    >>> from shapjax import evaluation
+    >>> evaluation.default_map(shapjax.InpainterConfig.tiny((32, 32, 1)))
+    'inpaint_grid'
+  """
+  return _DEFAULT_MAP_OF_KIND[model.model_kind(params)]
+
+
+def image_map(
+    params: model.ModelParams,
+    image: ArrayLike,
+    *,
+    name: str | None = None,
+    settings: MapSettings | None = None,
+    index: int = 0,
+    reference: model.AutoencoderParams | None = None,
+) -> np.ndarray:
+  """One anomaly map of one image, computed from the model as :func:`evaluate` computes it.
+
+  The parts the map needs (:func:`image_parts`) are computed and the map is built from them
+  (:func:`anomaly_map`): a pixel-level map such as ``residual`` or ``inpaint_grid`` costs one batch of forward
+  passes; a game map also segments the image and samples the game.
+
+  Args:
+    params: the autoencoder or the inpainter.
+    image: ``f32[H, W, C]`` in ``[0, 1]`` at the model's size (``params.config.image_shape``).
+    name: a map name (:func:`parse_map_name`) of the model's kind; default :func:`default_map`.
+    settings: :class:`MapSettings` (smoothing, and for game maps the regions, permutations, ...); default
+      ``MapSettings()``, the settings of :func:`evaluate`'s defaults.
+    index: the image's index in the split :func:`evaluate` scores: its game uses the same permutation key
+      (``fold_in(key(settings.seed), index)``) and ablation seed, so the map equals the one scored there.
+    reference: with an inpainter and ``name="residual"``, the autoencoder whose residual map to compute.
+
+  Returns:
+    ``f32[H, W]`` at the model's size; higher is more anomalous.
+
+  Raises:
+    ValueError: for a map the model kind does not have, or an image of another shape.
+
+  Example:
+    >>> import jax, numpy as np, shapjax
+    >>> from shapjax import evaluation
+    >>> params = shapjax.init_inpainter((16, 16, 1), key=jax.random.key(0), features=(4, 8))
+    >>> evaluation.image_map(params, np.full((16, 16, 1), 0.5, np.float32)).shape
+    (16, 16)
+  """
+  name = default_map(params) if name is None else name
+  _check_maps_for_model([name], params, default=False, reference=reference)
+  settings = MapSettings() if settings is None else settings
+  image = np.asarray(image, np.float32)
+  if image.shape != tuple(params.config.image_shape):
+    raise ValueError(f"image has shape {image.shape} but the model expects {params.config.image_shape}")
+  inpainter = model.model_kind(params) == "inpainting"
+  if inpainter and parse_map_name(name)[0] == "residual":  # the reference autoencoder's own map
+    return image_map(reference, image, name=name, settings=settings, index=index)
+  key = jax.random.fold_in(jax.random.key(settings.seed), index)
+  if inpainter:
+    parts = image_parts(params, image, settings=settings, key=key, games=_game_indices([name]))
+  else:
+    parts = image_parts(params, image, settings=settings, key=key, shapley=_needs_shapley([name]))
+  return anomaly_map(name, parts, settings=settings, seed=settings.seed + index)
 
 
 # --- Evaluation --------------------------------------------------------------------------------------------------

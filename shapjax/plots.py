@@ -137,21 +137,30 @@ def plot_explanation(
     *,
     top_k: int = 3,
     mask: ArrayLike | None = None,
+    pixel_map: ArrayLike | None = None,
+    pixel_map_name: str = "pixel map",
+    value_label: str = "change in reconstruction loss",
     title: str | None = None,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-  """Four panels: the image, its superpixels, the Shapley value map, and the top regions on the image.
+  """Panels: the image, its superpixels, the Shapley value map, the top regions, and optionally a pixel map.
 
-  The value map has a colour bar (symmetric about zero: red raises the loss, blue lowers it). The ``top_k``
-  highest-valued regions are outlined in white and numbered 1..k at the region, on the map and on the image;
-  rank 1 has the thicker outline and the red badge.
+  Given ``pixel_map``, a fifth panel follows the four: a pixel-level anomaly map. The value map has a colour bar
+  (symmetric about zero: red raises the loss, blue lowers it). The ``top_k`` highest-valued regions are outlined
+  in white and numbered 1..k at the region, on the map and on the image; rank 1 has the thicker outline and the
+  red badge. The pixel map is coloured as in :func:`plot_overlay_grid` (``inferno``, from its own
+  :data:`ROBUST_PERCENTILES`, with its colour bar) and titled ``pixel_map_name``. With a ``mask`` holding both
+  defect and normal pixels, the value map's and the pixel map's pixel AUROC are written under them.
 
   Args:
     image: ``f32[H, W, C]`` (C in {1, 3}) or ``f32[H, W]`` in ``[0, 1]``.
     labels: ``i32[H, W]`` region ids.
     values: ``f32[R]`` Shapley value of each region (``R > max(labels)``).
     top_k: how many of the highest-valued regions to outline and number.
-    mask: optional ``bool[H, W]`` ground truth, outlined in cyan on the last panel.
+    mask: optional ``bool[H, W]`` ground truth, outlined in cyan on the top-regions panel and the pixel map.
+    pixel_map: optional ``f32[H, W]`` pixel-level anomaly map (e.g. :func:`shapjax.evaluation.image_map`).
+    pixel_map_name: the pixel map's title, e.g. its name (``"residual"``, ``"inpaint_grid"``).
+    value_label: the value map's colour bar label: what a value measures in the game played.
     title: figure title.
     path: PNG to write.
 
@@ -161,16 +170,20 @@ def plot_explanation(
   Example:
     >>> import numpy as np, shapjax
     >>> labels = np.repeat(np.arange(4), 16).reshape(8, 8)
-    >>> fig = shapjax.plot_explanation(np.zeros((8, 8)), labels, np.array([0.0, 3.0, 1.0, 2.0]), top_k=2)
-    >>> [text.get_text() for text in fig.axes[3].texts]
-    ['1', '2']
+    >>> fig = shapjax.plot_explanation(np.zeros((8, 8)), labels, np.array([0.0, 3.0, 1.0, 2.0]), top_k=2,
+    ...                                pixel_map=np.arange(64.0).reshape(8, 8), pixel_map_name="residual")
+    >>> [text.get_text() for text in fig.axes[3].texts], fig.axes[4].get_title()
+    (['1', '2'], 'residual')
   """
   labels = np.asarray(labels)
   values = np.asarray(values, np.float32)
+  truth = None if mask is None else np.asarray(mask, bool)
   n_regions = int(labels.max()) + 1
   order = [int(r) for r in np.argsort(-values[:n_regions], kind="stable")[:top_k]]
-  fig = Figure(figsize=(4 * _PANEL_INCHES + 1.0, _PANEL_INCHES + 0.7), dpi=_DPI, layout="constrained")
-  axes = fig.subplots(1, 4)
+  n_panels = 4 if pixel_map is None else 5
+  fig = Figure(figsize=(n_panels * _PANEL_INCHES + 1.0 + 0.8 * (n_panels - 4), _PANEL_INCHES + 0.7), dpi=_DPI,
+               layout="constrained")
+  axes = fig.subplots(1, n_panels)
   _show_image(axes[0], image)
   axes[0].set_title("image", fontsize=10)
   _show_image(axes[1], _grey(image))
@@ -184,19 +197,49 @@ def plot_explanation(
   axes[2].set_yticks([])
   _draw_ranked_regions(axes[2], labels, order)
   axes[2].set_title("Shapley value per region", fontsize=10)
+  _label_pixel_auroc(axes[2], heat, truth)
   colorbar = fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.03)
-  colorbar.set_label("change in reconstruction loss", fontsize=8)
+  colorbar.set_label(value_label, fontsize=8)
   colorbar.ax.tick_params(labelsize=7)
   _show_image(axes[3], image)
-  if mask is not None:
-    _draw_truth(axes[3], np.asarray(mask, bool))
+  if truth is not None:
+    _draw_truth(axes[3], truth)
   _draw_ranked_regions(axes[3], labels, order)
-  axes[3].set_title(f"top {len(order)} regions, 1 = highest" + ("; cyan: around defect" if mask is not None else ""),
+  axes[3].set_title(f"top {len(order)} regions, 1 = highest" + ("; cyan: around defect" if truth is not None else ""),
                     fontsize=9)
+  if pixel_map is not None:
+    _show_map(fig, axes[4], pixel_map, truth=truth)
+    axes[4].set_title(pixel_map_name, fontsize=10)
   if title:
     fig.suptitle(title)
   _save(fig, path)
   return fig
+
+
+def _label_pixel_auroc(ax, heat: np.ndarray, truth: np.ndarray | None) -> None:
+  """Writes the map's pixel AUROC under it, where ``truth`` holds both defect and normal pixels."""
+  if truth is not None and truth.any() and not truth.all():
+    ax.set_xlabel(f"pixel AUROC {metrics.pixel_auroc(heat, truth):.3f}", fontsize=8)
+
+
+def _show_map(fig: Figure, ax, heat: ArrayLike, *, truth: np.ndarray | None = None,
+              percentiles: tuple[float, float] = ROBUST_PERCENTILES, alpha: float = 1.0,
+              grey: np.ndarray | None = None):
+  """An anomaly map on its own robust scale with its colour bar; with ``truth``, outlined and scored."""
+  heat = np.asarray(heat, np.float32)
+  lo, hi = _robust_range(heat, percentiles)
+  if alpha < 1:
+    _show_image(ax, grey)
+  shown = ax.imshow(heat, cmap="inferno", vmin=lo, vmax=hi, alpha=alpha, interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+  if truth is not None:
+    _draw_truth(ax, truth)
+    _label_pixel_auroc(ax, heat, truth)
+  colorbar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, extend=_clipped_ends(heat, lo, hi), ticks=[lo, hi])
+  colorbar.ax.set_yticklabels([f"{lo:.2g}", f"{hi:.2g}"])
+  colorbar.ax.tick_params(labelsize=7)
+  return shown
 
 
 def _robust_range(heat: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -283,25 +326,12 @@ def plot_overlay_grid(
                         interpolation="nearest")
     for ax, (name, stack) in zip(axes[i, lead:], maps.items()):
       heat = np.asarray(stack[i], np.float32)
-      lo, hi = _robust_range(heat, percentiles)
-      if alpha < 1:
-        _show_image(ax, grey)
-      shown = ax.imshow(heat, cmap="inferno", vmin=lo, vmax=hi, alpha=alpha, interpolation="nearest")
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if truth is not None:
-        _draw_truth(ax, truth)
-        if truth.any() and not truth.all():
-          ax.set_xlabel(f"pixel AUROC {metrics.pixel_auroc(heat, truth):.3f}", fontsize=8)
+      _show_map(fig, ax, heat, truth=truth, percentiles=percentiles, alpha=alpha, grey=grey)
       if name in region_labels:
         labels = np.asarray(region_labels[name][i])
         ids = np.unique(labels)
         means = np.asarray(ndimage.mean(heat, labels, index=ids))
         _draw_ranked_regions(ax, labels, [int(r) for r in ids[np.argsort(-means, kind="stable")[:top_k]]])
-      colorbar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, extend=_clipped_ends(heat, lo, hi),
-                              ticks=[lo, hi])
-      colorbar.ax.set_yticklabels([f"{lo:.2g}", f"{hi:.2g}"])
-      colorbar.ax.tick_params(labelsize=7)
   titles = ["image"] + (["ground truth"] if masks is not None else []) + list(maps)
   for ax, name in zip(axes[0], titles):
     ax.set_title(name, fontsize=10)

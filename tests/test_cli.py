@@ -114,6 +114,9 @@ def test_explain_writes_figure_and_json(trained, dataset, tmp_path):
     assert all({"id", "value", "stderr", "pixels"} <= set(r) for r in record["regions"])
     assert sum(r["pixels"] for r in record["regions"]) == 24 * 40
     assert record["n_perm"] == 4 and "ground_truth" in record  # inside an MVTec layout: the mask is found
+    assert record["pixel_map"] == "residual" and record["game"] == "reconstruction"  # an autoencoder's
+    for key in ("pixel_auroc_region_values", "pixel_auroc_pixel_map"):  # a defective image: both are defined
+      assert 0.0 <= record[key] <= 1.0, key
     assert json.loads((tmp_path / "warm" / f"{image.stem}.json").read_text())["regions"] == record["regions"]
 
 
@@ -131,10 +134,17 @@ def test_demo_quick_with_a_relative_out(tmp_path):
     _valid_png(figure)
     json.loads(figure.with_suffix(".json").read_text())
   _valid_png(demo / "overview.png")
-  _valid_png(demo / "checkpoint" / "loss.png")
-  assert (demo / "summary.md").read_text().startswith("# shapjax demo")
-  assert str(demo) in result.stdout
-  assert "[2/4]" in result.stderr and "training" in result.stderr  # progress is shown
+  for name in ("autoencoder", "inpainter"):
+    _valid_png(demo / "checkpoint" / name / "loss.png")
+  markdown = (demo / "summary.md").read_text()
+  assert markdown.startswith("# shapjax demo")
+  # The table leads with the inpainter's default map, the autoencoder's residual beside it.
+  table = [line.split(" | ")[0].strip("| ") for line in markdown.splitlines() if line.startswith("| inpaint_")
+           or line.startswith("| residual")]
+  assert table == ["inpaint_grid", "residual", "inpaint_shapley", "inpaint_loo"]
+  assert markdown in result.stdout and str(demo) in result.stdout
+  for step in ("[1/5]", "[2/5] training the autoencoder", "[3/5] training the inpainter", "[4/5]", "[5/5]"):
+    assert step in result.stderr  # progress is shown
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 
 import shapjax
 import shapjax.data
+import shapjax.metrics
 from shapjax import evaluation
 
 SIZE = 32
@@ -74,6 +75,55 @@ def test_evaluate_accepts_a_loaded_split_and_a_limit(dataset, params):
   types = {image["defect_type"] for image in result["images"]}
   assert types == {"good", "blob", "scratch"}
   assert result["n_images"] <= 5
+
+
+def _assert_evaluate_scores(result, name, maps, split):
+  """``maps`` (one per test image, in order) are the maps ``result`` (evaluate) scored as ``name``."""
+  assert [float(m.max()) for m in maps] == pytest.approx([image["scores"][name] for image in result["images"]],
+                                                         rel=1e-6, abs=1e-12)
+  scored = shapjax.metrics.pixel_metrics(np.stack(maps), split.masks)
+  assert result["maps"][name]["overall"]["pixel_auroc"] == pytest.approx(scored.pixel_auroc, abs=1e-9)
+  assert result["maps"][name]["overall"]["aupro"] == pytest.approx(scored.aupro, abs=1e-9)
+
+
+def test_default_map_and_image_map_are_what_evaluate_scores(dataset, params):
+  # The default map of each kind is its own pixel map, evaluate's first default; image_map computes the very map
+  # evaluate scores, image by image (the masks are at the model's size here, so no upsampling comes between).
+  inpainter = shapjax.init_inpainter((SIZE, SIZE, 1), key=jax.random.key(0), features=(4, 8))
+  assert evaluation.default_map(params) == "residual" == evaluation.DEFAULT_MAPS[0]
+  assert evaluation.default_map(inpainter) == "inpaint_grid" == evaluation.INPAINT_DEFAULT_MAPS[0]
+  assert evaluation.default_map(inpainter.config) == "inpaint_grid"
+  split = shapjax.data.load_mvtec(dataset, split="test", image_size=SIZE)
+  assert all(m.shape == (SIZE, SIZE) for m in split.original_masks)
+  for model_params, name, reference in ((params, None, None), (inpainter, None, None), (inpainter, "residual", params)):
+    name = name or evaluation.default_map(model_params)
+    result = shapjax.evaluate(model_params, split, maps=(name,), reference=reference, progress=False)
+    maps = [evaluation.image_map(model_params, image, name=name, reference=reference) for image in split.images]
+    assert all(m.shape == (SIZE, SIZE) and m.dtype == np.float32 for m in maps)
+    _assert_evaluate_scores(result, name, maps, split)
+  # Smoothing follows the settings: sigma 0 is the raw squared error of the reconstruction.
+  raw = evaluation.image_map(params, split.images[0], settings=evaluation.MapSettings(sigma=0.0))
+  np.testing.assert_allclose(raw, shapjax.residual_map(params, split.images[:1])[0], rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="not available for an autoencoder"):
+    evaluation.image_map(params, split.images[0], name="inpaint_grid")
+  with pytest.raises(ValueError, match="reference"):
+    evaluation.image_map(inpainter, split.images[0], name="residual")
+  with pytest.raises(ValueError, match="shape"):
+    evaluation.image_map(params, split.images[0, :16])
+
+
+@pytest.mark.slow
+def test_image_map_of_a_game_map_is_what_evaluate_scores(dataset, params):
+  # Game maps too: image i of the split takes evaluate's permutation key and ablation seed with index=i.
+  inpainter = shapjax.init_inpainter((SIZE, SIZE, 1), key=jax.random.key(0), features=(4, 8))
+  split = shapjax.data.load_mvtec(dataset, split="test", image_size=SIZE)
+  options = dict(n_perm=2, regions=(6,), seed=3)
+  settings = evaluation.MapSettings(**options)
+  for model_params, name in ((params, "shapley_area:shuffled"), (inpainter, "inpaint_shapley")):
+    result = shapjax.evaluate(model_params, split, maps=(name,), progress=False, **options)
+    maps = [evaluation.image_map(model_params, image, name=name, settings=settings, index=i)
+            for i, image in enumerate(split.images)]
+    _assert_evaluate_scores(result, name, maps, split)
 
 
 def test_stratified_subset_is_fixed_and_covers_every_type():

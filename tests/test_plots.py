@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import shapjax
-from shapjax import metrics, pipeline, plots
+from shapjax import evaluation, metrics, pipeline, plots
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -66,6 +66,26 @@ def test_explanation_has_a_colour_bar_and_numbered_top_regions(tmp_path):
       assert labels[int(round(y)), int(round(x))] == rank
   badges = [text.get_bbox_patch().get_facecolor() for text in panels[3].texts]
   assert badges[0] != badges[1] == badges[2]  # rank 1 stands out
+
+
+def test_explanation_shows_the_pixel_map_as_a_fifth_panel(tmp_path):
+  image, mask, residual = _scratch()
+  values = np.linspace(-1.0, 1.0, 16).astype(np.float32)
+  fig = shapjax.plot_explanation(image, _labels(), values, mask=mask, pixel_map=residual, pixel_map_name="residual",
+                                 value_label="drop in error", path=tmp_path / "e.png")
+  _valid_png(tmp_path / "e.png")
+  assert len(fig.axes) == 7  # five panels, a colour bar for the value map and one for the pixel map
+  panel = fig.axes[4]
+  assert panel.get_title() == "residual"
+  (shown,) = _map_images(panel)
+  np.testing.assert_array_equal(shown.get_array(), residual)
+  assert shown.colorbar is not None and shown.norm.vmax < residual.max()  # its own robust scale
+  assert panel.get_xlabel() == f"pixel AUROC {metrics.pixel_auroc(residual, mask):.3f}"
+  assert fig.axes[2].get_xlabel() == f"pixel AUROC {metrics.pixel_auroc(values[_labels()], mask):.3f}"
+  assert _map_images(fig.axes[2])[0].colorbar.ax.get_ylabel() == "drop in error"
+  assert panel.collections  # the ground truth is outlined on it
+  plain = shapjax.plot_explanation(image, _labels(), values)
+  assert len(plain.axes) == 5 and plain.axes[2].get_xlabel() == ""
 
 
 def test_outlines_are_thin_pixel_borders():
@@ -152,14 +172,30 @@ def test_demo_end_to_end_figures_and_scores(tmp_path):
   _valid_png(out / "overview.png")
   for item in summary["images"]:
     _valid_png(Path(item["figure"]))
-  # The residual AUROCs of the summary are the metrics module's, recomputed from the saved checkpoint.
-  params = shapjax.load(out / "checkpoint")
+    assert json.loads(Path(item["figure"]).with_suffix(".json").read_text())["pixel_map"] == "inpaint_grid"
+  # One checkpoint of each kind: the explanations and the default map are the inpainter's.
+  autoencoder = shapjax.load(out / "checkpoint" / "autoencoder")
+  inpainter = shapjax.load(out / "checkpoint" / "inpainter")
+  assert isinstance(autoencoder, shapjax.AutoencoderParams) and isinstance(inpainter, shapjax.InpainterParams)
+  assert summary["default_map"] == "inpaint_grid" and summary["reference_map"] == "residual"
+  # The four maps, the default first and the residual beside it, each with finite scores of the whole test split:
+  # those evaluate() gives for the saved checkpoints.
+  maps = ["inpaint_grid", "residual", "inpaint_shapley", "inpaint_loo"]
+  assert list(summary["maps"]) == maps
+  config = pipeline.DemoConfig.quick()
+  scored = shapjax.evaluate(inpainter, out / "data", maps=maps, reference=autoencoder, n_perm=config.n_perm,
+                            regions=(config.max_regions,), progress=False)
+  for name in maps:
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+      assert np.isfinite(summary["maps"][name][metric]), (name, metric)
+      assert summary["maps"][name][metric] == pytest.approx(scored["maps"][name]["overall"][metric], abs=1e-9)
+  assert summary["maps"]["inpaint_grid"]["pixel_auroc"] != summary["maps"]["residual"]["pixel_auroc"]
+  # The per-image residual AUROCs are the metrics module's, of the map evaluate scores, from the checkpoint.
   test = shapjax.load_mvtec(out / "data", split="test", image_size=summary["image_size"])
   paths = [str(p) for p in test.paths]
   rows = [paths.index(item["image"]) for item in summary["images"]]
-  residuals = np.asarray(shapjax.residual_map(params, test.images[rows]))
-  for item, residual, truth in zip(summary["images"], residuals, test.masks[rows]):
-    assert item["pixel_auroc_residual"] == pytest.approx(metrics.pixel_auroc(residual, truth), abs=1e-6)
-  losses = np.asarray(shapjax.reconstruction_loss(params, test.images))
-  assert summary["image_auroc_reconstruction_loss"] == pytest.approx(metrics.image_auroc(losses, test.labels),
-                                                                     abs=1e-6)
+  for item, row in zip(summary["images"], rows):
+    residual = evaluation.image_map(autoencoder, test.images[row])
+    assert item["pixel_auroc_residual"] == pytest.approx(metrics.pixel_auroc(residual, test.masks[row]), abs=1e-6)
+    grid = evaluation.image_map(inpainter, test.images[row])
+    assert item["pixel_auroc_inpaint_grid"] == pytest.approx(metrics.pixel_auroc(grid, test.masks[row]), abs=1e-6)
