@@ -301,6 +301,43 @@ def forward_section(args, params, module, compiled, image, batch, rounds, device
   return methods
 
 
+def _time_samplers(args, run_shapjax, module, compiled, run_torch, run_captum, device, orders, n_perm: int,
+                   n_regions: int):
+  """Times shapjax (one device, and a mesh of every device when there are several) against the PyTorch samplers
+  and captum in interleaved rounds, then checks their agreement on the same permutations.
+
+  ``run_shapjax(batch_size=..., mesh=None)`` runs ``shapjax.attribute``; the others are as in
+  :func:`_pytorch_methods`. Returns ``(methods, agreement)``.
+  """
+  import jax
+
+  import shapjax
+  from shapjax import sampling
+
+  n_evals_shapjax = n_perm * (n_regions - 1) + 2
+  n_evals_captum = 1 + n_perm * n_regions
+  methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
+                     n_evals=n_evals_shapjax, kind="attribution")]
+  run_sharded = None
+  n_devices = jax.device_count()
+  if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
+    mesh = shapjax.make_mesh()
+    sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
+
+    def run_sharded():
+      return run_shapjax(batch_size=sharded_batch_size, mesh=mesh)
+
+    methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
+                              _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
+  methods += _pytorch_methods(args, module, compiled, run_torch, run_captum, device,
+                              n_evals_torch=n_evals_shapjax, n_evals_captum=n_evals_captum)
+  methods += matmul_methods(args.matmul_size)
+  _interleave(methods, args.rounds)
+  # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
+  agreement = _agreement(args, run_shapjax, run_sharded, run_torch, run_captum, module, compiled, orders, n_regions)
+  return methods, agreement
+
+
 def _pytorch_methods(args, module, compiled, run_torch, run_captum, device, *, n_evals_torch: int,
                      n_evals_captum: int) -> list:
   """The hand-batched PyTorch sampler at every ``--torch-batch-sizes`` and captum at every ``--captum-ppe``, each
@@ -348,7 +385,7 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
 
   import shapjax
   from benchmarks import torch_reference
-  from shapjax import masking, sampling
+  from shapjax import masking
 
   key = jax.random.key(1)
   n_perm, max_regions = args.n_perm, args.regions
@@ -360,11 +397,9 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   t_ranks = torch.as_tensor(ranks, device=device)
   orders = torch_reference.permutation_orders(ranks, n_regions)
 
-  sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
-
-  def run_shapjax():
+  def run_shapjax(batch_size=args.batch_size, mesh=None):
     return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
-                             batch_size=args.batch_size)
+                             batch_size=batch_size, mesh=mesh)
 
   def loss_of(net):
     return lambda x: torch_reference.reconstruction_loss(net, x)
@@ -377,30 +412,8 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
     return torch_reference.captum_shapley(loss_of(net), t_image, t_labels, t_baseline, n_perm,
                                           perturbations_per_eval=ppe, orders=given)
 
-  n_evals_shapjax = n_perm * (n_regions - 1) + 2
-  n_evals_captum = 1 + n_perm * n_regions
-  methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
-                     n_evals=n_evals_shapjax, kind="attribution")]
-  n_devices = jax.device_count()
-  if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
-    mesh = shapjax.make_mesh()
-
-    def run_sharded():
-      return shapjax.attribute(params, image, labels, n_perm, mesh=mesh, key=key, max_regions=max_regions,
-                               batch_size=sharded_batch_size)
-
-    methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
-                              _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
-  methods += _pytorch_methods(args, module, compiled, run_torch, run_captum, device,
-                              n_evals_torch=n_evals_shapjax, n_evals_captum=n_evals_captum)
-  methods += matmul_methods(args.matmul_size)
-  _interleave(methods, args.rounds)
-
-  # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
-  agreement = _agreement(args, run_shapjax, run_sharded if n_devices > 1 else None, run_torch, run_captum, module,
-                         compiled, orders, n_regions)
-
-  return methods, agreement
+  return _time_samplers(args, run_shapjax, module, compiled, run_torch, run_captum, device, orders, n_perm,
+                        n_regions)
 
 
 def inpainting_section(args, device) -> dict:
@@ -419,7 +432,6 @@ def inpainting_section(args, device) -> dict:
 
   import shapjax
   from benchmarks import torch_reference
-  from shapjax import sampling
 
   params = shapjax.init_inpainter(args.inpaint_shape, key=jax.random.key(0), context=args.inpaint_context)
   config = params.config
@@ -451,28 +463,8 @@ def inpainting_section(args, device) -> dict:
     return torch_reference.captum_shapley(torch_reference.inpainting_game(net, t_image), ones, t_labels, zeros,
                                           n_perm, perturbations_per_eval=ppe, orders=given)
 
-  n_evals_shapjax = n_perm * (n_regions - 1) + 2
-  n_evals_captum = 1 + n_perm * n_regions
-  methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
-                     n_evals=n_evals_shapjax, kind="attribution")]
-  n_devices = jax.device_count()
-  if n_devices > 1:
-    mesh = shapjax.make_mesh()
-    sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
-
-    def run_sharded():
-      return run_shapjax(sharded_batch_size, mesh)
-
-    methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
-                              _jax_sync(run_sharded), n_evals=n_evals_shapjax, kind="attribution"))
-  methods += _pytorch_methods(args, module, compiled, run_torch, run_captum, device,
-                              n_evals_torch=n_evals_shapjax, n_evals_captum=n_evals_captum)
-  methods += matmul_methods(args.matmul_size)
-  _interleave(methods, args.rounds)
-
-  # Agreement on the same permutations, after the timings so that their first calls are the compiling ones.
-  agreement = _agreement(args, run_shapjax, run_sharded if n_devices > 1 else None, run_torch, run_captum, module,
-                         compiled, orders, n_regions)
+  methods, agreement = _time_samplers(args, run_shapjax, module, compiled, run_torch, run_captum, device, orders,
+                                     n_perm, n_regions)
   return {"methods": methods, "flops": inpainter_flops(config), "agreement": agreement, "config": config.to_dict(),
           "regions": n_regions, "max_regions": max_regions, "n_perm": n_perm}
 
