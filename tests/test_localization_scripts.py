@@ -65,7 +65,9 @@ def test_inpainting_attempts_train_score_and_resume(dataset, tmp_path):
   args = [str(dataset), "--image-size", "32", "32", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
           "--n-perm", "2", "--steps-autoencoder", "2", "--steps-inpainter", "2", "--limit", "2"]
   inpainting.main(args + ["--attempts", "autoencoder,inpainter"])  # the attempt with every kind of map
-  record = json.loads((tmp_path / "out" / f"{dataset.name}.json").read_text())
+  stem = f"{dataset.name}-subset2"  # a subset's table is not the whole split's
+  assert not (tmp_path / "out" / f"{dataset.name}.json").exists()
+  record = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
   assert [a["name"] for a in record["attempts"]] == ["autoencoder", "inpainter"]
   by_name = {a["name"]: a for a in record["attempts"]}
   for attempt in inpainting.attempts()[:2]:
@@ -74,10 +76,15 @@ def test_inpainting_attempts_train_score_and_resume(dataset, tmp_path):
   assert (by_name["inpainter"]["maps"]["residual"]["overall"]
           == by_name["autoencoder"]["maps"]["residual"]["overall"])
   assert -1e9 < by_name["inpainter"]["additivity_median"] <= 1.0
-  assert "| inpainter | inpaint_grid_x_banzhaf:shuffled |" in (tmp_path / "out" / f"{dataset.name}.md").read_text()
-  # A second run trains nothing and reads every image from the caches.
-  inpainting.main(args + ["--attempts", "inpainter"])
-  again = json.loads((tmp_path / "out" / f"{dataset.name}.json").read_text())
+  assert "| inpainter | inpaint_grid_x_banzhaf:shuffled |" in (tmp_path / "out" / f"{stem}.md").read_text()
+  # A second run, with --maps, trains nothing, reads every image from the caches and keeps the maps it skips.
+  inpainting.main(args + ["--attempts", "inpainter", "--maps", "inpaint_grid,inpaint_loo"])
+  again = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
   assert again["train_seconds"] == {}
   assert [a["name"] for a in again["attempts"]] == ["autoencoder", "inpainter"]  # the earlier attempt is kept
   assert again["attempts"][1]["cached_images"] == again["attempts"][1]["n_images"]
+  assert again["attempts"][1]["maps"].keys() == by_name["inpainter"]["maps"].keys()
+  assert (again["attempts"][1]["maps"]["inpaint_grid"]["overall"]
+          == by_name["inpainter"]["maps"]["inpaint_grid"]["overall"])
+  with pytest.raises(SystemExit):
+    inpainting.main(args + ["--attempts", "autoencoder", "--maps", "inpaint_grid"])  # no chosen attempt has it
