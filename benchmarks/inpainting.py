@@ -2,8 +2,8 @@
 
 For one dataset in the MVTec AD layout this script trains (unless their checkpoints are already in ``--work``)
 the reference autoencoder, an inpainter, an inpainter that also sees a low-resolution copy of the image
-(``--context lowres``), one trained for twice the steps and one with SSIM and gradient-magnitude loss terms, all
-at one image size with the CLI's defaults otherwise, then
+(``--context lowres``), one trained for twice the steps, one with SSIM and gradient-magnitude loss terms and one
+with 1.5x the channels, all at one image size with the CLI's defaults otherwise, then
 scores every map of every attempt with ``shapjax.evaluate`` on the test split and writes one table:
 
 * the autoencoder: ``residual`` (the map to beat), the seed's reconstruction game ``shapley``, and its control
@@ -16,7 +16,8 @@ scores every map of every attempt with ``shapjax.evaluate`` on the test split an
 * the low-resolution-context inpainter at 32 regions;
 * an inpainter trained for twice the steps;
 * an inpainter trained with SSIM and gradient-magnitude loss terms (``--ssim-weight 1 --gms-weight 1``, RIAD's
-  choice of terms) besides the squared error.
+  choice of terms) besides the squared error;
+* an inpainter with 1.5x the channels (``--features 24,48,96,192``).
 
 Each attempt's per-image parts are cached in ``--work``, so a rerun (or a run with more maps) only computes what
 is missing. Results: ``OUT/<dataset>.json`` (every map's metrics, seconds per image and the median additivity of
@@ -68,6 +69,9 @@ def attempts() -> list[dict]:
        "regions": (32,),
        "maps": ("inpaint_grid", "inpaint_loo", "inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_1_16",
                 "inpaint_grid_x_banzhaf", "inpaint_grid_x_loo")},
+      {"id": "wider", "name": "inpainter, 1.5x the channels", "checkpoint": "inpainter_wide", "regions": (32,),
+       "maps": ("inpaint_grid", "inpaint_loo", "inpaint_shapley", "inpaint_banzhaf", "inpaint_beta_1_16",
+                "inpaint_grid_x_banzhaf", "inpaint_grid_x_loo")},
   ]
 
 
@@ -87,6 +91,8 @@ def train_commands(data: Path, work: Path, size: tuple[int, int], steps_autoenco
       "inpainter_structural": ["train", *common, "--out", str(work / "inpainter_structural"), "--model",
                                "inpainting", "--ssim-weight", "1", "--gms-weight", "1", "--steps",
                                str(steps_inpainter)],
+      "inpainter_wide": ["train", *common, "--out", str(work / "inpainter_wide"), "--model", "inpainting",
+                         "--features", "24,48,96,192", "--steps", str(steps_inpainter)],
   }
 
 
@@ -143,7 +149,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps-autoencoder", type=int, default=1000)
   parser.add_argument("--steps-inpainter", type=int, default=1500)
   parser.add_argument("--attempts", default="", help="comma-separated attempts to run, of autoencoder, inpainter, "
-                      "regions64, scales, lowres, longer, structural (default: all)")
+                      "regions64, scales, lowres, longer, structural, wider (default: all)")
   parser.add_argument("--maps", default="", help="comma-separated maps: each attempt scores only those of its maps "
                       "(default: all of them)")
   args = parser.parse_args(argv)
