@@ -301,6 +301,19 @@ def forward_section(args, params, module, compiled, image, batch, rounds, device
   return methods
 
 
+def _torch_players(labels, key, n_perm: int, max_regions: int, n_regions: int, device):
+  """The regions and shapjax's permutations (``key``) for the PyTorch samplers: ``(t_labels, t_ranks, orders)``."""
+  import numpy as np
+  import torch
+
+  from benchmarks import torch_reference
+
+  t_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+  ranks = torch_reference.shapjax_ranks(key, n_perm, max_regions, n_regions)
+  return (t_labels, torch.as_tensor(ranks, device=device),
+          torch_reference.permutation_orders(ranks, n_regions))
+
+
 def _time_samplers(args, run_shapjax, module, compiled, run_torch, run_captum, device, orders, n_perm: int,
                    n_regions: int):
   """Times shapjax (one device, and a mesh of every device when there are several) against the PyTorch samplers
@@ -318,13 +331,13 @@ def _time_samplers(args, run_shapjax, module, compiled, run_torch, run_captum, d
   n_evals_captum = 1 + n_perm * n_regions
   methods = [_Method(f"shapjax attribute (1 device, batch {args.batch_size})", _jax_sync(run_shapjax),
                      n_evals=n_evals_shapjax, kind="attribution")]
-  run_sharded = None
+  run_sharded = None  # no mesh
   n_devices = jax.device_count()
   if n_devices > 1:  # e.g. --cpu-devices: the permutations split across devices, each on its own core(s)
     mesh = shapjax.make_mesh()
     sharded_batch_size = sampling.default_batch_size(args.sharded_batch_size)
 
-    def run_sharded():
+    def run_sharded():  # pylint: disable=function-redefined
       return run_shapjax(batch_size=sharded_batch_size, mesh=mesh)
 
     methods.insert(0, _Method(f"shapjax attribute, mesh of {n_devices} devices (batch {sharded_batch_size})",
@@ -380,8 +393,6 @@ def _agreement(args, run_shapjax, run_sharded, run_torch, run_captum, module, co
 
 def attribution_section(args, params, module, compiled, image, labels, n_regions, device) -> tuple[list, dict]:
   import jax
-  import numpy as np
-  import torch
 
   import shapjax
   from benchmarks import torch_reference
@@ -392,10 +403,7 @@ def attribution_section(args, params, module, compiled, image, labels, n_regions
   baseline = masking.make_baseline(image, "blur")
   t_image = torch_reference.to_nchw(image, device)
   t_baseline = torch_reference.to_nchw(baseline, device)
-  t_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-  ranks = torch_reference.shapjax_ranks(key, n_perm, max_regions, n_regions)
-  t_ranks = torch.as_tensor(ranks, device=device)
-  orders = torch_reference.permutation_orders(ranks, n_regions)
+  t_labels, t_ranks, orders = _torch_players(labels, key, n_perm, max_regions, n_regions, device)
 
   def run_shapjax(batch_size=args.batch_size, mesh=None):
     return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
@@ -446,10 +454,7 @@ def inpainting_section(args, device) -> dict:
   compiled = torch.compile(module)
   t_image = torch_reference.to_nchw(image, device)
   ones, zeros = torch_reference.inpainting_inputs(t_image)
-  t_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-  ranks = torch_reference.shapjax_ranks(key, n_perm, max_regions, n_regions)
-  t_ranks = torch.as_tensor(ranks, device=device)
-  orders = torch_reference.permutation_orders(ranks, n_regions)
+  t_labels, t_ranks, orders = _torch_players(labels, key, n_perm, max_regions, n_regions, device)
 
   def run_shapjax(batch_size=args.batch_size, mesh=None):
     return shapjax.attribute(params, image, labels, n_perm, key=key, max_regions=max_regions,
