@@ -12,7 +12,8 @@ Everything runs on one XLA CPU device with one thread (``--xla_cpu_multi_thread_
   window is the whole feature map) against one matrix product per tap (``speedups.conv_general_dilated``);
 * one training step (loss and gradient) with XLA's kernel gradients, per tap over the whole batch, and per tap
   image by image (shapjax);
-* forward options: ``reconstruction_loss`` under ``speedups.jit_forward`` against plain ``jax.jit``, batch 16;
+* forward options: ``reconstruction_loss`` and the inpainting U-Net's ``inpainting_loss`` (``--inpaint-shape``,
+  default 160x64x1) under ``speedups.jit_forward`` against plain ``jax.jit``, batch 16;
 * initialisation: compile and run time of ``init_autoencoder`` under ``speedups.jit_init`` against ``jax.jit``.
 
 Prints markdown tables and writes JSON.
@@ -87,8 +88,10 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=8, help="images per call (training and layers)")
   parser.add_argument("--forward-batch", type=int, default=16, help="images per call of the forward options")
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--inpaint-shape", default="160,64,1", help="H,W,C of the inpainter of the forward options")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layers.json"))
   args = parser.parse_args(argv)
+  args.inpaint_shape = tuple(int(n) for n in args.inpaint_shape.split(","))
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
   import jax
@@ -201,9 +204,26 @@ def main(argv=None) -> None:
   best = _interleaved_best({"jit_forward": lambda: tuned(params, batch), "jit": lambda: default(params, batch)},
                            args.rounds)
   report["forward_options"] = {k: {"seconds": v, "images_per_s": args.forward_batch / v} for k, v in best.items()}
-  _print_rows(f"Forward + loss, batch {args.forward_batch}", "| compiled with | ms | images/s |",
-              [f"| {label} | {best[name] * 1e3:.1f} | {args.forward_batch / best[name]:.1f} |" for name, label in
-               [("jit", "XLA's defaults (jax.jit)"), ("jit_forward", "YNN fusions (speedups.jit_forward)")]])
+  # The same for the inpainting U-Net (default features), on random holes.
+  inpainter = shapjax.init_inpainter(args.inpaint_shape, key=jax.random.key(0))
+  holes = jnp.asarray(rng.random((args.forward_batch, *args.inpaint_shape)), jnp.float32)
+  visible = jnp.asarray(rng.random((args.forward_batch, *args.inpaint_shape[:2])) < 0.5, jnp.float32)
+  tuned_inpaint = speedups.jit_forward(shapjax.inpainting_loss)
+  default_inpaint = jax.jit(shapjax.inpainting_loss)
+  np.testing.assert_allclose(tuned_inpaint(inpainter, holes, visible), default_inpaint(inpainter, holes, visible),
+                             rtol=1e-5)
+  assert tuned_inpaint.uses_options(inpainter, holes, visible)
+  best_inpaint = _interleaved_best({"jit_forward": lambda: tuned_inpaint(inpainter, holes, visible),
+                                    "jit": lambda: default_inpaint(inpainter, holes, visible)}, args.rounds)
+  report["forward_options_inpainter"] = {k: {"seconds": v, "images_per_s": args.forward_batch / v}
+                                         for k, v in best_inpaint.items()}
+  height, width, channels = args.inpaint_shape
+  _print_rows(f"Forward + loss, batch {args.forward_batch}", "| model | compiled with | ms | images/s |",
+              [f"| {model_name} | {label} | {times[name] * 1e3:.1f} | {args.forward_batch / times[name]:.1f} |"
+               for model_name, times in [(f"autoencoder {args.size}x{args.size}x3", best),
+                                         (f"inpainter {height}x{width}x{channels}", best_inpaint)]
+               for name, label in [("jit", "XLA's defaults (jax.jit)"),
+                                   ("jit_forward", "YNN fusions (speedups.jit_forward)")]])
 
   # 5. Initialisation: one compile each, so timed once, from a cleared cache.
   init_times = {}

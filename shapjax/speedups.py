@@ -116,8 +116,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   gradient on CPU for a plain NHWC convolution of 8 or more input channels.
 
   Same forward pass; the kernel gradient is one matrix product per tap, image by image on big feature maps. Gain:
-  a training step of the default model (loss and gradient, ``benchmarks/layers.py``) ran at 230 ms against 371 ms
-  with XLA's kernel gradients at batch 8 (1.6x), 97 against 118 ms at batch 4 (1.2x).
+  a training step of the default model (loss and gradient, ``benchmarks/layers.py``) ran at 150 ms against 270 ms
+  with XLA's kernel gradients at batch 8 (1.8x).
   """
   use_taps = (enabled() and lhs.ndim == 4 and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
               and feature_group_count == 1 and precision is None and _taps_are_faster(rhs.shape))
@@ -172,11 +172,10 @@ class ShuffleOutputConv(nn.Module):
   parameters (names, shapes, initialisers), so checkpoints and initial weights do not depend on how it runs.
 
   On CPU it never builds the full-resolution input: a 2x2 convolution of ``y`` gives the four output sub-pixels
-  (phases) at once, and only the few output channels go through depth-to-space. Gain: forward pass and loss of
-  the default model 110.5 -> 82.6 ms at batch 16 (1.34x), 48.7 -> 41.8 ms at batch 8 (1.17x); XLA:CPU runs a
-  full-resolution convolution with 3 output channels at a fraction of the other layers' rate, and the
-  depth-to-space copy of its wide input costs as much again. In training its kernel gradient (per tap) ran 18x
-  as fast as XLA's for the full-resolution layer.
+  (phases) at once, and only the few output channels go through depth-to-space. Gain (``benchmarks/layers.py``):
+  its kernel gradient (per tap) runs 11x as fast as XLA's for the full-resolution layer (76.3 -> 6.9 ms at batch
+  8); forward pass and loss of the default autoencoder 53.8 -> 51.7 ms at batch 8. In the inpainting U-Net,
+  whose output layer also takes the full-resolution input, the forward pass ran 1.28x as fast (batch 16).
 
   Input ``y``: ``f32[N, h, w, 4 * C]``. Output: ``f32[N, 2h, 2w, features]``.
   """
@@ -282,9 +281,8 @@ def jit_forward(fn: Callable | None = None, *, static_argnames: tuple = ()):
   CPU each signature is compiled with the options and falls back to XLA's defaults if they fail it. ``.lower`` is
   the plain jit's (for inspecting the program); ``.cache_size()`` counts the compiled programs.
 
-  Gain, measured today: within noise. Forward pass and loss of the default model 82.6 -> 77.7 ms at batch 16
-  (1.06x), 41.8 -> 42.0 ms at batch 8; ``attribute`` (n_perm 8, 32 regions) 1.354 -> 1.366 s. Session 7 had
-  measured 1.3-1.4x for attribution; kept for now on that record, a candidate for removal.
+  Gain (``benchmarks/layers.py``, batch 16, one single-threaded device): forward pass and loss of the default
+  autoencoder 95.8 -> 55.2 ms (1.74x), of the inpainting U-Net at 160x64x1 41.5 -> 36.4 ms (1.14x).
   """
   return _jit_with_options(_FORWARD_OPTIONS, fn, static_argnames)
 
@@ -299,6 +297,6 @@ def jit_init(fn: Callable | None = None, *, static_argnames: tuple = ()):
 
   Same rules and calling convention as :func:`jit_forward`.
 
-  Gain: ``init_autoencoder`` of the default model, compile and run, 7.4 -> 2.5 s (``benchmarks/layers.py``).
+  Gain: ``init_autoencoder`` of the default model, compile and run, 5.35 -> 1.70 s (``benchmarks/layers.py``).
   """
   return _jit_with_options(_INIT_OPTIONS, fn, static_argnames)

@@ -17,7 +17,7 @@ def test_layers_benchmark_checks_and_reports(tmp_path):
   out = tmp_path / "layers.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SHAPJAX_XLA_DEFAULTS")}
   run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "layers.py"), "--size", "32", "--batch", "2",
-                        "--forward-batch", "2", "--rounds", "1", "--out", str(out)],
+                        "--forward-batch", "2", "--rounds", "1", "--inpaint-shape", "32,32,1", "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   # The script asserts that the speed-ups of shapjax.speedups equal the plain computations.
   assert run.returncode == 0, run.stderr[-3000:]
@@ -27,6 +27,7 @@ def test_layers_benchmark_checks_and_reports(tmp_path):
   assert all(row["xla_s"] > 0 and row["taps_s"] > 0 for row in report["kernel_gradients"])
   assert set(report["train_step"]) == {"xla", "taps_whole_batch", "taps_per_image"}
   assert set(report["forward_options"]) == {"jit", "jit_forward"}
+  assert set(report["forward_options_inpainter"]) == {"jit", "jit_forward"}
   assert set(report["init"]) == {"jit", "jit_init"}
   assert "| kernel gradients | ms | steps/s |" in run.stdout
 
