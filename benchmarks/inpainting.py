@@ -3,7 +3,8 @@
 For one dataset in the MVTec AD layout this script trains (unless their checkpoints are already in ``--work``)
 the reference autoencoder, an inpainter, an inpainter that also sees a low-resolution copy of the image
 (``--context lowres``), one trained for twice the steps, one with SSIM and gradient-magnitude loss terms and one
-with 1.5x the channels, all at one image size with the CLI's defaults otherwise, then
+with 1.5x the channels, all at one image size, data parallel over 2 CPU devices (``--devices 2``) and with
+the CLI's defaults otherwise, then
 scores every map of every attempt with ``shapjax.evaluate`` on the test split and writes one table:
 
 * the autoencoder: ``residual`` (the map to beat), the seed's reconstruction game ``shapley``, and its control
@@ -78,7 +79,7 @@ def attempts() -> list[dict]:
 def train_commands(data: Path, work: Path, size: tuple[int, int], steps_autoencoder: int,
                    steps_inpainter: int) -> dict[str, list[str]]:
   """The ``shapjax train`` command of each checkpoint."""
-  common = [str(data), "--image-size", *map(str, size), "--quiet"]
+  common = [str(data), "--image-size", *map(str, size), "--devices", "2", "--quiet"]
   return {
       "autoencoder": ["train", *common, "--out", str(work / "autoencoder"), "--steps", str(steps_autoencoder),
                       "--features", "8,16,32,64", "--latent-features", "16"],
