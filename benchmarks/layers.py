@@ -44,6 +44,21 @@ def _interleaved_best(fns: dict, rounds: int) -> dict:
   return {name: min(t) for name, t in times.items()}
 
 
+def _forward_options(loss_fn, inputs: tuple, rounds: int) -> dict:
+  """Best times of ``loss_fn(*inputs)`` under ``speedups.jit_forward`` and plain ``jax.jit``, after checking that
+  both give the same losses and that the options were used."""
+  import jax
+  import numpy as np
+
+  from shapjax import speedups
+
+  tuned = speedups.jit_forward(loss_fn)
+  default = jax.jit(loss_fn)
+  np.testing.assert_allclose(tuned(*inputs), default(*inputs), rtol=1e-5)
+  assert tuned.uses_options(*inputs)
+  return _interleaved_best({"jit_forward": lambda: tuned(*inputs), "jit": lambda: default(*inputs)}, rounds)
+
+
 def plain_reconstruction(params, images):
   """The autoencoder written out layer by layer with plain ``lax`` convolutions (XLA's own gradients), its output
   layer a full-resolution convolution after depth-to-space: the reference for ``shapjax.speedups`` (also the
@@ -195,26 +210,14 @@ def main(argv=None) -> None:
                [("xla", "XLA's own"), ("taps_whole_batch", "per tap, whole batch"),
                 ("taps_per_image", "per tap, image by image on big maps (shapjax)")]])
 
-  # 4. Forward options (the attribution programs' jit).
+  # 4. Forward options (the attribution programs' jit), for the autoencoder and the inpainting U-Net.
   batch = jnp.asarray(rng.random((args.forward_batch, *shape)), jnp.float32)
-  tuned = speedups.jit_forward(shapjax.reconstruction_loss)
-  default = jax.jit(shapjax.reconstruction_loss)
-  np.testing.assert_allclose(tuned(params, batch), default(params, batch), rtol=1e-5)
-  assert tuned.uses_options(params, batch)
-  best = _interleaved_best({"jit_forward": lambda: tuned(params, batch), "jit": lambda: default(params, batch)},
-                           args.rounds)
+  best = _forward_options(shapjax.reconstruction_loss, (params, batch), args.rounds)
   report["forward_options"] = {k: {"seconds": v, "images_per_s": args.forward_batch / v} for k, v in best.items()}
-  # The same for the inpainting U-Net (default features), on random holes.
   inpainter = shapjax.init_inpainter(args.inpaint_shape, key=jax.random.key(0))
   holes = jnp.asarray(rng.random((args.forward_batch, *args.inpaint_shape)), jnp.float32)
   visible = jnp.asarray(rng.random((args.forward_batch, *args.inpaint_shape[:2])) < 0.5, jnp.float32)
-  tuned_inpaint = speedups.jit_forward(shapjax.inpainting_loss)
-  default_inpaint = jax.jit(shapjax.inpainting_loss)
-  np.testing.assert_allclose(tuned_inpaint(inpainter, holes, visible), default_inpaint(inpainter, holes, visible),
-                             rtol=1e-5)
-  assert tuned_inpaint.uses_options(inpainter, holes, visible)
-  best_inpaint = _interleaved_best({"jit_forward": lambda: tuned_inpaint(inpainter, holes, visible),
-                                    "jit": lambda: default_inpaint(inpainter, holes, visible)}, args.rounds)
+  best_inpaint = _forward_options(shapjax.inpainting_loss, (inpainter, holes, visible), args.rounds)
   report["forward_options_inpainter"] = {k: {"seconds": v, "images_per_s": args.forward_batch / v}
                                          for k, v in best_inpaint.items()}
   height, width, channels = args.inpaint_shape
