@@ -174,8 +174,8 @@ class ShuffleOutputConv(nn.Module):
   On CPU it never builds the full-resolution input: a 2x2 convolution of ``y`` gives the four output sub-pixels
   (phases) at once, and only the few output channels go through depth-to-space. Gain (``benchmarks/layers.py``):
   its kernel gradient (per tap) runs 11x as fast as XLA's for the full-resolution layer (76.3 -> 6.9 ms at batch
-  8); forward pass and loss of the default autoencoder 53.8 -> 51.7 ms at batch 8. In the inpainting U-Net,
-  whose output layer also takes the full-resolution input, the forward pass ran 1.28x as fast (batch 16).
+  8); forward pass and loss of the default autoencoder 53.8 -> 51.7 ms at batch 8. The inpainting U-Net's
+  output layer (which also takes the full-resolution input) uses it too; docs/performance.md has its A/B.
 
   Input ``y``: ``f32[N, h, w, 4 * C]``. Output: ``f32[N, 2h, 2w, features]``.
   """
