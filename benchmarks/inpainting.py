@@ -115,7 +115,7 @@ def run_attempt(attempt: dict, params, reference, data: Path, *, n_perm: int, li
   additivity = _median(image["additivity"][0] if image["additivity"] else None for image in result["images"])
   return {"name": attempt["name"], "regions": list(attempt["regions"]), "n_images": result["n_images"],
           "seconds": time.perf_counter() - start, "cached_images": result["cached_images"],
-          "additivity_median": additivity, "maps": result["maps"]}
+          "additivity_median": additivity, "additivity_index": result["additivity_index"], "maps": result["maps"]}
 
 
 def markdown(record: dict) -> str:

@@ -593,8 +593,10 @@ def evaluate(
     A JSON-ready dict: ``settings``, ``n_images``, ``maps`` (name -> ``overall`` and ``per_type`` metrics,
     ``seconds_per_image``), ``images`` (path, defect type, image score of every map, and ``additivity``: the
     image's game's additivity at each region scale, :class:`shapjax.ShapleyResult`, None without Shapley maps
-    or for an entry cached before it was recorded) and ``cached_images``
-    (how many came from the cache).
+    or for an entry cached before it was recorded), ``additivity_index`` (the semivalue whose sampled coalitions
+    the additivity is measured on: an inpainter's first game map's other than ``"loo"``, ``"loo"`` if it is the
+    only one, an autoencoder's ``"shapley"``; None without game maps) and ``cached_images`` (how many came
+    from the cache).
   """
   names = list(dict.fromkeys(maps))
   for name in names:
@@ -613,6 +615,7 @@ def evaluate(
   shapley = bool(games) if inpainter else _needs_shapley(names)
   # The game whose additivity is reported per image: the first sampled one (leave-one-out's if it is alone).
   reported = next((g for g in games if g != "loo"), games[0] if games else None)
+  additivity_index = index_label(reported) if reported is not None else "shapley" if shapley else None
   cache = None
   if cache_dir is not None:
     cache = Path(cache_dir) / _settings_digest(_params_digest(params), settings)
@@ -699,6 +702,7 @@ def evaluate(
       "model": params.config.to_dict(),
       "n_images": int(len(indices)),
       "cached_images": int(cached),
+      "additivity_index": additivity_index,
       "maps": results,
       "images": [{"path": split.paths[i], "defect_type": split.defect_types[i],
                   "scores": {name: float(image_maps[name][j].max()) for name in names},

@@ -283,6 +283,7 @@ def test_evaluate_an_inpainter(tmp_path):
     assert 0.0 <= maps["overall"]["pixel_auroc"] <= 1.0, name
   assert result["maps"]["inpaint_shapley"]["seconds_per_image"] > result["maps"]["inpaint_grid"]["seconds_per_image"]
   assert all(len(image["additivity"]) == 1 for image in result["images"])
+  assert result["additivity_index"] == "shapley"  # the first sampled game's coalitions
   # More maps on the same cache: the entries are completed with the new game only.
   maps = ("inpaint_shapley", "inpaint_banzhaf", "inpaint_grid_x_banzhaf", "inpaint_grid_x_banzhaf:constant")
   more = shapjax.evaluate(inpainter, dataset, maps=maps, n_perm=2, regions=6, progress=False,
@@ -294,6 +295,10 @@ def test_evaluate_an_inpainter(tmp_path):
   again = shapjax.evaluate(inpainter, dataset, maps=maps, n_perm=2, regions=6, progress=False,
                            cache_dir=tmp_path / "cache")
   assert again["cached_images"] == again["n_images"]
+  gates = shapjax.evaluate(inpainter, dataset, maps=("inpaint_loo", "inpaint_grid_x_banzhaf"), n_perm=2, regions=6,
+                           progress=False, cache_dir=tmp_path / "cache")
+  assert gates["additivity_index"] == "banzhaf"  # leave-one-out's only when it is the one game
+  assert [i["additivity"] for i in gates["images"]] != [i["additivity"] for i in again["images"]]
   # The reference autoencoder's residual map beside the inpainter's.
   autoencoder = shapjax.init_autoencoder((32, 32, 1), key=jax.random.key(0), features=(4, 8), latent_features=4)
   with pytest.raises(ValueError, match="reference"):

@@ -76,6 +76,7 @@ def test_inpainting_attempts_train_score_and_resume(dataset, tmp_path):
   assert (by_name["inpainter"]["maps"]["residual"]["overall"]
           == by_name["autoencoder"]["maps"]["residual"]["overall"])
   assert -1e9 < by_name["inpainter"]["additivity_median"] <= 1.0
+  assert by_name["inpainter"]["additivity_index"] == "shapley"  # the game whose coalitions it is measured on
   assert "| inpainter | inpaint_grid_x_banzhaf:shuffled |" in (tmp_path / "out" / f"{stem}.md").read_text()
   # A second run, with --maps, trains nothing, reads every image from the caches and keeps the maps it skips.
   inpainting.main(args + ["--attempts", "inpainter", "--maps", "inpaint_grid,inpaint_loo"])
