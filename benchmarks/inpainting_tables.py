@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from benchmarks import inpainting
+from shapjax import evaluation
 
 NOTES = {
     ("autoencoder", "residual"): "autoencoder `residual` (the map to beat)",
@@ -68,9 +69,8 @@ def additivity_index(attempt: dict) -> str | None:
     return attempt["additivity_index"]
   if attempt["name"] == "autoencoder":
     return "shapley"
-  games = [m.partition(":")[0].removeprefix("inpaint_").removeprefix("grid_x_") for m in attempt["maps"]
-           if m.startswith("inpaint_") and not m.startswith("inpaint_grid:") and m != "inpaint_grid"]
-  games = list(dict.fromkeys(games))
+  indices = (evaluation.map_index(m) for m in attempt["maps"])
+  games = list(dict.fromkeys(evaluation.index_label(i) for i in indices if i is not None))
   return next((g for g in games if g != "loo"), games[0] if games else None)
 
 
