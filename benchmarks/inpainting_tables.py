@@ -1,7 +1,7 @@
 """The tables of docs/localization.md's inpainting section, from the results of ``benchmarks/inpainting.py``.
 
 Reads every ``<dataset>.json`` and ``<dataset>-subset<K>.json`` in a results folder (whole splits first, then
-subsets) and prints three markdown tables, one column per results file:
+subsets, told apart by the record's ``limit``) and prints three markdown tables, one column per results file:
 
 * ``summary``: the whole test splits, the maps ``evaluate`` computes by default for each model, the seed's game
   and its control, and the grid and leave-one-out maps of the other inpainters; pixel AUROC / AUPRO@0.3 with
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from benchmarks import inpainting
@@ -45,10 +44,10 @@ def load(folder: Path) -> list[dict]:
   records = []
   for path in folder.glob("*.json"):
     record = json.loads(path.read_text())
-    subset = re.fullmatch(r".*-subset(\d+)", path.stem)
-    record["label"] = (f"{record['dataset']} ({subset.group(1)}-image subset)" if subset
+    limit = record.get("limit")
+    record["label"] = (f"{record['dataset']} ({limit}-image subset)" if limit is not None
                        else f"{record['dataset']} ({record['n_images']} images)")
-    records.append((subset is not None, record["dataset"], record))
+    records.append((limit is not None, record["dataset"], record))
   if not records:
     raise ValueError(f"no results (.json) in {folder}")
   return [r for _, _, r in sorted(records, key=lambda r: r[:2])]
